@@ -1,0 +1,130 @@
+"""Typed readers for settings taken from the environment.
+
+Each reader raises ``ImproperlyConfigured`` naming the variable when its value is malformed, so a
+typo stops start-up with a message instead of a half-configured console.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ImproperlyConfigured
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _raw(name: str) -> str | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip()
+
+
+def _bad(name: str, value: str, expected: str) -> ImproperlyConfigured:
+    return ImproperlyConfigured(f"Setting {name}={value!r} is malformed: expected {expected}.")
+
+
+def env_str(name: str, default: str) -> str:
+    """A string; an empty value counts as unset."""
+    value = _raw(name)
+    return value if value else default
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = _raw(name)
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _bad(name, value, "one of 1/0, true/false, yes/no, on/off")
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    value = _raw(name)
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise _bad(name, value, "an integer") from None
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        raise _bad(name, value, f"an integer between {minimum} and {maximum}")
+    return number
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    """A comma-separated list; blank items are refused rather than silently dropped."""
+    value = _raw(name)
+    if value is None or value == "":
+        return list(default)
+    items = [item.strip() for item in value.split(",")]
+    if any(not item for item in items):
+        raise _bad(name, value, "a comma-separated list without empty items")
+    return items
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env_str(name, default)
+    if value not in choices:
+        raise _bad(name, value, "one of " + ", ".join(choices))
+    return value
+
+
+def env_url(name: str, default: str, *, schemes: tuple[str, ...]) -> str:
+    value = env_str(name, default)
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise _bad(name, value, f"a URL starting with {' or '.join(s + '://' for s in schemes)}")
+    if parts.scheme not in ("sqlite",) and not parts.hostname and not parts.path:
+        raise _bad(name, value, "a URL with a host")
+    try:
+        parts.port  # noqa: B018 - urllib raises on a non-numeric port only when asked
+    except ValueError:
+        raise _bad(name, value, "a URL with a numeric port") from None
+    return value
+
+
+def env_path(name: str, default: Path) -> Path:
+    value = _raw(name)
+    path = Path(value).expanduser() if value else default
+    if value is not None and value and not path.is_absolute():
+        raise _bad(name, value, "an absolute path")
+    return path
+
+
+def env_node_name(name: str = "NODE_NAME") -> str:
+    """The node's name, used in queue names: letters, digits, dot, dash and underscore only."""
+    value = env_str(name, socket.gethostname())
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+    if not value or len(value) > 63 or set(value) - allowed:
+        raise _bad(name, value, "1-63 letters, digits, '.', '-' or '_'")
+    return value
+
+
+def secret_key(name: str, key_file: Path) -> str:
+    """The secret key from the environment, or generated once into ``key_file`` (mode 0600)."""
+    value = _raw(name)
+    if value:
+        if len(value) < 32:
+            raise _bad(name, "<hidden>", "at least 32 characters")
+        return value
+    if key_file.exists():
+        stored = key_file.read_text().strip()
+        if len(stored) >= 32:
+            return stored
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    generated = secrets.token_urlsafe(50)
+    # O_EXCL so two processes starting together cannot write two different keys.
+    try:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return key_file.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(generated)
+    return generated

@@ -1,0 +1,1 @@
+"""The UI shell (base templates, navigation, static assets, language switch) and the Overview page."""

@@ -1,0 +1,1 @@
+"""GPU health: the NVML probe (or an explicitly chosen simulated source), samples, health rules, alerts, metrics."""

@@ -1,0 +1,1 @@
+"""Local models and their files: hub downloads, verification, updates, the /hf mirror, imports, memory estimates."""

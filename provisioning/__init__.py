@@ -1,0 +1,1 @@
+"""Engine runtimes, deployments and replicas: GPU placement, vLLM commands, process control, the reconcile loop."""

@@ -1,0 +1,1 @@
+"""Departments, members' roles, API keys, quotas, the Redis limiter, usage records and reports."""

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+from django.contrib.auth import get_user_model
+
+from appliance.models import Profile
+from appliance.roles import Role
+
+
+@pytest.fixture
+def redis_db() -> redis.Redis:
+    """The tests' own Redis db, emptied before and after the test."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache(redis_db: redis.Redis) -> None:
+    """Each test starts with empty Redis state (cache, heartbeats)."""
+
+
+def make_user(username: str, role: Role, **extra: Any) -> Any:
+    user = get_user_model().objects.create_user(username=username, password="pw-" + username, **extra)
+    Profile.objects.create(user=user, role=role)
+    return user
+
+
+@pytest.fixture
+def admin_user(db: None) -> Any:
+    return make_user("alice", Role.APPLIANCE_ADMIN)
+
+
+@pytest.fixture
+def viewer_user(db: None) -> Any:
+    return make_user("victor", Role.VIEWER)
+
+
+@pytest.fixture
+def dept_admin_user(db: None) -> Any:
+    return make_user("dora", Role.DEPARTMENT_ADMIN)
+
+
+@pytest.fixture
+def admin_client(client: Any, admin_user: Any) -> Any:
+    client.force_login(admin_user)
+    return client
+
+
+@pytest.fixture
+def viewer_client(client: Any, viewer_user: Any) -> Any:
+    client.force_login(viewer_user)
+    return client
