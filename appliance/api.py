@@ -12,6 +12,7 @@ from typing import Any
 from django.http import HttpRequest
 from ninja import Field, NinjaAPI, Query, Router, Schema
 from ninja.errors import HttpError
+from ninja.responses import Status
 from ninja.security import HttpBearer, django_auth
 
 from appliance import audit, health
@@ -130,14 +131,15 @@ class UserCreatedOut(Schema):
 
 
 @system.post("/users", response={201: UserCreatedOut}, summary="Create a user (appliance admin)")
-def create_user(request: HttpRequest, payload: UserIn) -> tuple[int, dict[str, Any]]:
+def create_user(request: HttpRequest, payload: UserIn) -> Status:
     admin_required(request, "user.create")
     form = UserCreateForm(payload.dict())
     if not form.is_valid():
         raise HttpError(422, "; ".join(f"{field}: {' '.join(errors)}" for field, errors in form.errors.items()))
     user, password = Profile.create_user(**form.cleaned_data)
     audit.record(request, "user.create", user, detail={"role": form.cleaned_data["role"], "via": "api"})
-    return 201, {"id": user.pk, "username": user.username, "role": form.cleaned_data["role"], "password": password}
+    role = form.cleaned_data["role"]
+    return Status(201, {"id": user.pk, "username": user.username, "role": role, "password": password})
 
 
 api.add_router("/", system)

@@ -165,6 +165,8 @@ STORAGES = {
 # The console serves its own assets; collectstatic is part of `make run`, and when it has not
 # run (tests, development) WhiteNoise looks in the apps' static folders directly.
 WHITENOISE_USE_FINDERS = True
+WHITENOISE_MANIFEST_STRICT = False
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 WHITENOISE_AUTOREFRESH = DEBUG
 
 # Celery: JSON only, one message at a time per worker process, a queue per node. A worker started
