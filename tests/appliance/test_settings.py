@@ -69,12 +69,16 @@ def test_secret_key_is_not_in_the_code() -> None:
 
 
 @pytest.mark.django_db
-def test_sqlite_runs_in_wal_mode() -> None:
-    if connection.vendor != "sqlite":
-        pytest.skip("this run uses PostgreSQL")
-    with connection.cursor() as cursor:
-        cursor.execute("PRAGMA journal_mode")
-        assert cursor.fetchone()[0] == "wal"
+def test_database_is_configured_for_several_processes() -> None:
+    if connection.vendor == "sqlite":
+        # WAL: the web server and the workers read while one of them writes.
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode")
+            assert cursor.fetchone()[0] == "wal"
+        assert connection.settings_dict["OPTIONS"]["transaction_mode"] == "IMMEDIATE"
+    else:
+        assert connection.vendor == "postgresql"
+        assert connection.settings_dict["CONN_HEALTH_CHECKS"] is True
 
 
 def test_node_queue_and_celery_config() -> None:
