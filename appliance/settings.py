@@ -169,6 +169,11 @@ WHITENOISE_MANIFEST_STRICT = False
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 WHITENOISE_AUTOREFRESH = DEBUG
 
+# Model catalog: space always left free on DATA_DIR's disk, hub default, update-check period.
+DISK_RESERVE_BYTES = env_int("DISK_RESERVE_BYTES", 1024**3, minimum=0)
+HF_ENDPOINT = env_url("HF_ENDPOINT", "https://huggingface.co", schemes=("http", "https"))
+MODEL_UPDATE_CHECK_SECONDS = env_int("MODEL_UPDATE_CHECK_SECONDS", 3600, minimum=60)
+
 # Celery: JSON only, one message at a time per worker process, a queue per node. A worker started
 # without -Q consumes both queues below: the shared one and the one of the box it runs on.
 NODE_QUEUE = f"node.{NODE_NAME}"
@@ -187,6 +192,10 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_QUEUES = (Queue("default"), Queue(NODE_QUEUE))
 CELERY_BEAT_SCHEDULE = {
     "recover-stale-jobs": {"task": "appliance.tasks.recover_stale_jobs", "schedule": 60.0},
+    "check-model-updates": {
+        "task": "models_catalog.check_updates",
+        "schedule": float(MODEL_UPDATE_CHECK_SECONDS),
+    },
 }
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 5, minimum=1, maximum=300)
 

@@ -1,10 +1,11 @@
 """Top-level URLs. Each app owns its own ``urls.py``."""
 
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from appliance import views
 from appliance.api import api
+from models_catalog import mirror
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
@@ -12,6 +13,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("i18n/", include("django.conf.urls.i18n")),
     path("api/v1/", api.urls),
+    re_path(r"^hf/(?P<rest>.*)$", mirror.hub, name="hf-mirror"),
     path("audit/", views.audit_log, name="audit"),
     path("settings/users/", views.user_list, name="users"),
     path("settings/users/new", views.user_create, name="user-create"),
