@@ -146,6 +146,10 @@ class Job(models.Model):
     def fail(self, error: str) -> bool:
         return self._finish(JobStatus.FAILED, error=error[:4000])
 
+    def on_failed(self, message: str) -> None:
+        """Called after the row failed or was cancelled, whoever noticed (the task, or the recovery
+        of a dead worker's rows). Subclasses put the object they work on into a matching state."""
+
     def cancel(self) -> bool:
         """Cancel now if queued; ask the running task to stop otherwise. False if already over."""
         if self._update(
@@ -174,10 +178,12 @@ def run_job(model: type[JobT], job_id: int, body: Callable[[JobT], None], worker
         body(job)
     except JobCancelled:
         job._finish(JobStatus.CANCELLED)
+        job.on_failed("Cancelled by an admin; start it again to resume where it stopped.")
     except Exception as exc:  # written on the row, never swallowed
         logger.exception("job %s %s failed", model.__name__, job_id)
         job.log(traceback.format_exc())
         job.fail(f"{type(exc).__name__}: {exc}")
+        job.on_failed(str(exc))
     else:
         job.succeed()
     job.refresh_from_db(fields=["status"])
@@ -194,9 +200,10 @@ def recover_orphans(worker: str, reason: str) -> int:
     """Fail the rows ``worker`` had running: called when that worker (re)starts, so they are dead."""
     count = 0
     for model in job_models():
-        count += model.objects.filter(status=JobStatus.RUNNING, worker=worker).update(
-            status=JobStatus.FAILED, finished_at=timezone.now(), error=reason
-        )
+        for job in model.objects.filter(status=JobStatus.RUNNING, worker=worker):
+            if job.fail(reason):
+                job.on_failed(reason)
+                count += 1
     return count
 
 
@@ -209,5 +216,8 @@ def recover_stale(alive_workers: set[str], grace: timedelta) -> int:
             worker__in=alive_workers
         )
         for job in stale:
-            count += job.fail(f"The worker {job.worker or '?'} stopped responding while running this job.")
+            reason = f"The worker {job.worker or '?'} stopped responding while running this job."
+            if job.fail(reason):
+                job.on_failed(reason)
+                count += 1
     return count

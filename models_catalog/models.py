@@ -268,3 +268,16 @@ class ModelJob(Job):
     @property
     def detail(self) -> dict[str, Any]:
         return self.progress_detail or {}
+
+    def on_failed(self, message: str) -> None:
+        """A failed update or re-import leaves the ready copy untouched and usable; anything else
+        marks the model failed with the reason."""
+        model = LocalModel.objects.filter(pk=self.model_id).first()
+        if model is None:
+            return
+        status = LocalModel.Status.FAILED
+        if self.kind == self.Kind.UPDATE:
+            status = LocalModel.Status.OUTDATED
+        elif self.kind == self.Kind.IMPORT and model.is_usable:
+            status = model.status
+        LocalModel.objects.filter(pk=model.pk).update(status=status, error=message)

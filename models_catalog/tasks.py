@@ -7,52 +7,31 @@ from pathlib import Path
 
 from celery import shared_task
 
-from appliance.jobs import JobCancelled, run_job
+from appliance.jobs import run_job
 from models_catalog.download import download
 from models_catalog.importer import import_directory
 from models_catalog.models import LocalModel, ModelJob
 from models_catalog.sync import check_for_update, source_for, verify_ready_copy
 
 
-def _after_failure(job: ModelJob, message: str) -> None:
-    """Where a model goes when its job did not finish. A failed update or re-import leaves the
-    ready copy untouched and usable; anything else marks the model failed with the reason."""
-    model = job.model
-    if model is None:
-        return
-    status = LocalModel.Status.FAILED
-    if job.kind == ModelJob.Kind.UPDATE:
-        status = LocalModel.Status.OUTDATED
-    elif job.kind == ModelJob.Kind.IMPORT and model.is_usable:
-        status = model.status
-    LocalModel.objects.filter(pk=model.pk).update(status=status, error=message)
-
-
 def model_job_body(job: ModelJob) -> None:
     model = job.model
     if model is None:
         raise RuntimeError("The model of this job was deleted.")
-    try:
-        if job.kind in (ModelJob.Kind.DOWNLOAD, ModelJob.Kind.UPDATE):
-            download(job, source_for(model))
-        elif job.kind == ModelJob.Kind.IMPORT:
-            import_directory(job, Path(model.import_path))
-        elif job.kind == ModelJob.Kind.VERIFY:
-            problems = verify_ready_copy(job)
-            if problems:
-                raise RuntimeError("Verification failed: " + "; ".join(problems[:20]))
-        elif job.kind == ModelJob.Kind.DELETE:
-            if model.directory.exists():
-                shutil.rmtree(model.directory)
-            model.delete()
-        else:
-            raise RuntimeError(f"Unknown job kind {job.kind!r}")
-    except JobCancelled:
-        _after_failure(job, "Cancelled by an admin; start it again to resume where it stopped.")
-        raise
-    except Exception as exc:
-        _after_failure(job, str(exc))
-        raise
+    if job.kind in (ModelJob.Kind.DOWNLOAD, ModelJob.Kind.UPDATE):
+        download(job, source_for(model))
+    elif job.kind == ModelJob.Kind.IMPORT:
+        import_directory(job, Path(model.import_path))
+    elif job.kind == ModelJob.Kind.VERIFY:
+        problems = verify_ready_copy(job)
+        if problems:
+            raise RuntimeError("Verification failed: " + "; ".join(problems[:20]))
+    elif job.kind == ModelJob.Kind.DELETE:
+        if model.directory.exists():
+            shutil.rmtree(model.directory)
+        model.delete()
+    else:
+        raise RuntimeError(f"Unknown job kind {job.kind!r}")
 
 
 @shared_task(name="models_catalog.run_model_job", bind=True, acks_late=True)

@@ -36,14 +36,16 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, interval: flo
 class WorkerProcess:
     """``celery worker`` in its own process group, so a test can kill it like a crash would."""
 
-    def __init__(self, hostname: str) -> None:
+    def __init__(self, hostname: str, **env: str) -> None:
         self.hostname = hostname
+        self.extra_env = env
         self.process: subprocess.Popen | None = None
         self.log = ROOT / "var" / "test" / f"{hostname.replace('@', '_')}.log"
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "DATABASE_URL": database_url()}
         env["WORKER_HEARTBEAT_SECONDS"] = "1"
+        env.update(self.extra_env)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "celery", "-A", "appliance", "worker", "--pool", "solo"]
         command += ["--hostname", self.hostname, "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
