@@ -143,3 +143,12 @@ def create_user(request: HttpRequest, payload: UserIn) -> Status:
 
 
 api.add_router("/", system)
+
+
+def _add_app_routers() -> None:
+    from models_catalog.api import router as models_router
+
+    api.add_router("/", models_router)
+
+
+_add_app_routers()

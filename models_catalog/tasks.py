@@ -39,18 +39,35 @@ def run_model_job(self, job_id: int) -> str:
     return run_job(ModelJob, job_id, model_job_body, worker=self.request.hostname or "")
 
 
+def _check(model: LocalModel) -> int | None:
+    """Changed files of one model, or None when its source could not be asked (recorded on it)."""
+    try:
+        return len(check_for_update(model))
+    except Exception as exc:  # one unreachable source must not stop the others; the admin sees why
+        LocalModel.objects.filter(pk=model.pk).update(error=f"Update check failed: {exc}")
+        return None
+
+
 @shared_task(name="models_catalog.check_updates")
 def check_updates() -> dict[str, int]:
     """Ask each model's source whether its tracked branch moved (imported models have none)."""
-    checked = outdated = failed = 0
-    for model in LocalModel.objects.filter(status__in=list(LocalModel.USABLE)).exclude(
-        source=LocalModel.Source.IMPORTED
-    ):
-        checked += 1
-        try:
-            if check_for_update(model):
-                outdated += 1
-        except Exception as exc:  # one unreachable source must not stop the others; recorded on the model
-            failed += 1
-            LocalModel.objects.filter(pk=model.pk).update(error=f"Update check failed: {exc}")
-    return {"checked": checked, "outdated": outdated, "failed": failed}
+    results = [
+        _check(model)
+        for model in LocalModel.objects.filter(status__in=list(LocalModel.USABLE)).exclude(
+            source=LocalModel.Source.IMPORTED
+        )
+    ]
+    return {
+        "checked": len(results),
+        "outdated": sum(1 for r in results if r),
+        "failed": sum(1 for r in results if r is None),
+    }
+
+
+@shared_task(name="models_catalog.check_model")
+def check_model(model_id: int) -> int:
+    """Check one model for an update now (the Check button); returns the number of changed files."""
+    model = LocalModel.objects.filter(pk=model_id).first()
+    if model is None or model.source == LocalModel.Source.IMPORTED:
+        return 0
+    return _check(model) or 0
