@@ -119,13 +119,18 @@ def _link_or_keep(previous: Path | None, staging: Path, file: RemoteFile, known:
 
 
 def _verify(path: Path, file: RemoteFile, digests: tuple[str, str] | None) -> tuple[str, str]:
+    """Check a file against the source's digest: sha256 for LFS files, the git blob id otherwise.
+
+    Returns the digests to record; an LFS file keeps the source's blob id (that of its pointer)."""
     sha256, blob_id = digests if digests is not None else file_digests(path)
     size = path.stat().st_size
     if size != file.size:
         raise VerificationError(f"{file.path}: size {size} bytes, the source says {file.size}.")
-    if file.sha256 is not None and sha256 != file.sha256:
-        raise VerificationError(f"{file.path}: sha256 {sha256} does not match the source's {file.sha256}.")
-    if file.sha256 is None and blob_id != file.blob_id:
+    if file.sha256 is not None:
+        if sha256 != file.sha256:
+            raise VerificationError(f"{file.path}: sha256 {sha256} does not match the source's {file.sha256}.")
+        return sha256, file.blob_id
+    if blob_id != file.blob_id:
         raise VerificationError(f"{file.path}: git blob id {blob_id} does not match the source's {file.blob_id}.")
     return sha256, blob_id
 
@@ -142,7 +147,7 @@ def _fetch_one(
     partial = target.with_name(target.name + PARTIAL_SUFFIX)
     target.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(FETCH_ATTEMPTS):
-        writer = HashingWriter(partial, file.size)
+        writer = HashingWriter(partial, file.size, blob=not file.is_lfs)
         try:
             resume = writer.tell()
             if resume > file.size:  # a partial file longer than the file: start again

@@ -85,6 +85,7 @@ class EstimateForm(forms.Form):
 
 
 class EndpointForm(forms.ModelForm):
+    url = forms.URLField(label=_("address"), max_length=300, assume_scheme="https")
     token = forms.CharField(
         label=_("Access token"),
         required=False,

@@ -26,30 +26,44 @@ def file_digests(path: Path) -> tuple[str, str]:
     return sha256.hexdigest(), blob.hexdigest()
 
 
+def lfs_pointer_blob_id(sha256: str, size: int) -> str:
+    """The git blob id of an LFS pointer file: what the hub lists as an LFS file's blob id."""
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    hasher = _blob_hasher(len(pointer))
+    hasher.update(pointer)
+    return hasher.hexdigest()
+
+
 class HashingWriter:
     """A file object for ``http_get`` that hashes what it writes, so verifying costs no extra read.
 
     Opened on a partial file, it first hashes the bytes already there. If the download restarts
     from zero (a server that ignores Range), ``truncate`` resets the digests to what is left.
+    ``blob=False`` skips the git blob id, which LFS files (checked by sha256) do not need.
     """
 
-    def __init__(self, path: Path, expected_size: int) -> None:
+    def __init__(self, path: Path, expected_size: int, blob: bool = True) -> None:
         self.path = path
         self.expected_size = expected_size
+        self.with_blob = blob
         self.handle: BinaryIO = path.open("ab")
         self._rehash()
 
     def _rehash(self) -> None:
-        self.sha256, self.blob = hashlib.sha256(), _blob_hasher(self.expected_size)
+        self.sha256 = hashlib.sha256()
+        self.blob = _blob_hasher(self.expected_size) if self.with_blob else None
         self.handle.flush()
         with self.path.open("rb") as existing:
             while chunk := existing.read(CHUNK):
-                self.sha256.update(chunk)
-                self.blob.update(chunk)
+                self._update(chunk)
+
+    def _update(self, data: bytes) -> None:
+        self.sha256.update(data)
+        if self.blob is not None:
+            self.blob.update(data)
 
     def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.blob.update(data)
+        self._update(data)
         return self.handle.write(data)
 
     def tell(self) -> int:
@@ -70,4 +84,5 @@ class HashingWriter:
         self.handle.close()
 
     def digests(self) -> tuple[str, str]:
-        return self.sha256.hexdigest(), self.blob.hexdigest()
+        """(sha256, git blob id); the blob id is empty when it was not computed."""
+        return self.sha256.hexdigest(), self.blob.hexdigest() if self.blob is not None else ""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from models_catalog.download import Progress, _publish
-from models_catalog.hashing import HashingWriter
+from models_catalog.hashing import HashingWriter, lfs_pointer_blob_id
 from models_catalog.layout import PARTIAL_SUFFIX, check_file_path, free_bytes, inside, staging_directory
 from models_catalog.memory import read_model_facts
 from models_catalog.models import ModelJob
@@ -97,6 +97,8 @@ def import_directory(job: ModelJob, directory: Path) -> None:
         os.replace(partial, target)
         sha256, blob_id = writer.digests()
         is_lfs = relative.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
+        if is_lfs:
+            blob_id = lfs_pointer_blob_id(sha256, size)  # as a git repository with LFS would list it
         files.append(RemoteFile(relative, size, blob_id, sha256 if is_lfs else None))
         digests[relative] = (sha256, blob_id)
         progress.file_done()

@@ -62,7 +62,7 @@ def verify_ready_copy(job: ModelJob) -> list[str]:
             size = path.stat().st_size
             if size != file.size:
                 problems.append(f"{file.path}: size {size} bytes, expected {file.size}")
-            elif (file.is_lfs and sha256 != file.sha256) or (not file.is_lfs and blob_id != file.blob_id):
+            elif sha256 != file.sha256 or (not file.is_lfs and blob_id != file.blob_id):
                 problems.append(f"{file.path}: content does not match its recorded digest")
         done += file.size
         job.report(done / total, files_done=files.index(file) + 1, files_total=len(files))
