@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dj_database_url
@@ -172,6 +173,8 @@ WHITENOISE_AUTOREFRESH = DEBUG
 # Model catalog: space always left free on DATA_DIR's disk, hub default, update-check period.
 DISK_RESERVE_BYTES = env_int("DISK_RESERVE_BYTES", 1024**3, minimum=0)
 HF_ENDPOINT = env_url("HF_ENDPOINT", "https://huggingface.co", schemes=("http", "https"))
+# Files fetched at once; more streams help on long links, two saturate a LAN on a small box.
+DOWNLOAD_WORKERS = env_int("DOWNLOAD_WORKERS", min(8, max(2, (os.cpu_count() or 2) // 2)), minimum=1, maximum=32)
 MODEL_UPDATE_CHECK_SECONDS = env_int("MODEL_UPDATE_CHECK_SECONDS", 3600, minimum=60)
 
 # Celery: JSON only, one message at a time per worker process, a queue per node. A worker started

@@ -10,15 +10,19 @@ the ready copy atomically. Any failure leaves the ready copy as it was.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from huggingface_hub.utils import filter_repo_objects
 
+from appliance.jobs import JobCancelled
 from models_catalog.hashing import HashingWriter, file_digests
 from models_catalog.layout import PARTIAL_SUFFIX, current_snapshot, free_bytes, inside, publish, staging_directory
 from models_catalog.models import LocalModel, ModelFile, ModelJob
@@ -58,7 +62,8 @@ def select_files(files: Iterable[RemoteFile], allow: list[str], ignore: list[str
 
 @dataclass
 class Progress:
-    """Bytes and files done, speed and ETA, written on the job row at most twice a second."""
+    """Bytes and files done, speed and ETA. Fetching threads add to it; only the job's own thread
+    writes it on the job row (``report``), so the database is used from one thread."""
 
     job: ModelJob
     bytes_total: int
@@ -67,35 +72,44 @@ class Progress:
     files_done: int = 0
     started: float = field(default_factory=time.monotonic)
     fetched_this_run: int = 0
-    last_report: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def add(self, count: int, fetched: bool = True) -> None:
-        self.bytes_done += count
-        if fetched:
-            self.fetched_this_run += count
-        now = time.monotonic()
-        if now - self.last_report >= REPORT_EVERY_SECONDS:
-            self.report(now)
+        """Called for every chunk; raises JobCancelled in a fetching thread once the job stops."""
+        with self.lock:
+            self.bytes_done += count
+            if fetched:
+                self.fetched_this_run += count
+        if self.stop.is_set():
+            raise JobCancelled()
 
     def file_done(self) -> None:
-        self.files_done += 1
-        self.report(time.monotonic())
+        with self.lock:
+            self.files_done += 1
 
-    def report(self, now: float, phase: str = "downloading") -> None:
-        self.last_report = now
-        elapsed = max(now - self.started, 1e-6)
-        speed = self.fetched_this_run / elapsed
-        remaining = self.bytes_total - self.bytes_done
-        eta = remaining / speed if speed > 0 else None
-        fraction = self.bytes_done / self.bytes_total if self.bytes_total else 1.0
-        # report() raises JobCancelled when an admin cancelled: the transfer stops mid-file and
-        # the partial file stays for the resume.
+    def note(self, line: str) -> None:
+        with self.lock:
+            self.notes.append(line)
+
+    def report(self, phase: str = "downloading") -> None:
+        """Write progress on the job row; raises JobCancelled when an admin cancelled."""
+        with self.lock:
+            notes, self.notes = self.notes, []
+            done, fetched, files_done = self.bytes_done, self.fetched_this_run, self.files_done
+        for line in notes:
+            self.job.log(line)
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        speed = fetched / elapsed
+        eta = (self.bytes_total - done) / speed if speed > 0 else None
+        fraction = done / self.bytes_total if self.bytes_total else 1.0
         self.job.report(
             fraction * 0.99,  # the last percent is the verification and the swap
             phase=phase,
-            bytes_done=self.bytes_done,
+            bytes_done=done,
             bytes_total=self.bytes_total,
-            files_done=self.files_done,
+            files_done=files_done,
             files_total=self.files_total,
             speed_bps=round(speed),
             eta_seconds=round(eta) if eta is not None else None,
@@ -136,18 +150,20 @@ def _verify(path: Path, file: RemoteFile, digests: tuple[str, str] | None) -> tu
 
 
 def _fetch_one(
-    source: ModelSource,
-    model: LocalModel,
-    snapshot: RemoteSnapshot,
-    file: RemoteFile,
-    staging: Path,
-    progress: Progress,
+    source: ModelSource, repo_id: str, commit: str, file: RemoteFile, staging: Path, progress: Progress
 ) -> tuple[str, str]:
+    """Fetch (or resume) one file into staging and verify it; runs in a fetching thread."""
     target = inside(staging, file.path)
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and target.stat().st_size == file.size:
+        verified = _verify(target, file, None)  # finished before a cancel or a crash
+        progress.note(f"kept {file.path} from an earlier run")
+        progress.add(file.size, fetched=False)
+        return verified
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
     for attempt in range(FETCH_ATTEMPTS):
         writer = HashingWriter(partial, file.size, blob=not file.is_lfs)
+        resume = 0
         try:
             resume = writer.tell()
             if resume > file.size:  # a partial file longer than the file: start again
@@ -155,12 +171,13 @@ def _fetch_one(
                 writer.truncate()
                 resume = 0
             progress.add(resume, fetched=False)
-            source.fetch(model.repo_id, snapshot.commit, file, writer, resume, progress.add)
+            source.fetch(repo_id, commit, file, writer, resume, progress.add)
             digests = writer.digests()
         except TransientSourceError as exc:
             writer.close()
-            progress.bytes_done -= partial.stat().st_size if partial.exists() else 0
-            progress.job.log(f"{exc} (attempt {attempt + 1} of {FETCH_ATTEMPTS})")
+            with progress.lock:
+                progress.bytes_done -= partial.stat().st_size if partial.exists() else resume
+            progress.note(f"{exc} (attempt {attempt + 1} of {FETCH_ATTEMPTS})")
             if attempt == FETCH_ATTEMPTS - 1:
                 raise
             time.sleep(min(2**attempt, 30))
@@ -175,6 +192,35 @@ def _fetch_one(
         os.replace(partial, target)
         return verified
     raise AssertionError("unreachable")
+
+
+def _fetch_all(
+    source: ModelSource, model: LocalModel, commit: str, files: list[RemoteFile], staging: Path, progress: Progress
+) -> dict[str, tuple[str, str]]:
+    """Fetch files on ``DOWNLOAD_WORKERS`` threads (as huggingface_hub's snapshot_download does);
+    this thread reports progress twice a second. The first error or a cancel stops every transfer
+    at its next chunk, leaving partial files for the resume."""
+    digests: dict[str, tuple[str, str]] = {}
+
+    def work(file: RemoteFile) -> tuple[str, str]:
+        result = _fetch_one(source, model.repo_id, commit, file, staging, progress)
+        progress.file_done()
+        return result
+
+    workers = max(1, min(settings.DOWNLOAD_WORKERS, len(files)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch") as pool:
+        futures = {pool.submit(work, file): file for file in files}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=REPORT_EVERY_SECONDS, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    digests[futures[future].path] = future.result()
+                progress.report()
+        except BaseException:
+            progress.stop.set()
+            raise
+    return digests
 
 
 def download(job: ModelJob, source: ModelSource) -> None:
@@ -223,18 +269,9 @@ def download(job: ModelJob, source: ModelSource) -> None:
     progress = Progress(job, bytes_total=sum(f.size for f in files), files_total=len(files))
     progress.bytes_done = sum(f.size for f in files if f.path in digests)
     progress.files_done = len(digests)
-    progress.report(time.monotonic())
-    for file in to_fetch:
-        target = inside(staging, file.path)
-        if target.exists() and target.stat().st_size == file.size:
-            digests[file.path] = _verify(target, file, None)
-            job.log(f"kept {file.path} from an earlier run")
-            progress.add(file.size, fetched=False)
-        else:
-            digests[file.path] = _fetch_one(source, model, snapshot, file, staging, progress)
-        progress.file_done()
-
-    progress.report(time.monotonic(), phase="verifying")
+    progress.report()
+    digests.update(_fetch_all(source, model, snapshot.commit, to_fetch, staging, progress))
+    progress.report(phase="verifying")
     _publish(job, model, snapshot, files, digests, previous)
 
 

@@ -15,7 +15,7 @@ import stat
 import time
 from pathlib import Path
 
-from models_catalog.download import Progress, _publish
+from models_catalog.download import REPORT_EVERY_SECONDS, Progress, _publish
 from models_catalog.hashing import HashingWriter, lfs_pointer_blob_id
 from models_catalog.layout import PARTIAL_SUFFIX, check_file_path, free_bytes, inside, staging_directory
 from models_catalog.memory import read_model_facts
@@ -79,6 +79,7 @@ def import_directory(job: ModelJob, directory: Path) -> None:
     progress = Progress(job, bytes_total=total, files_total=len(listing))
     files: list[RemoteFile] = []
     digests: dict[str, tuple[str, str]] = {}
+    last_report = 0.0
     for relative, size in listing:
         target = inside(staging, relative)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,9 @@ def import_directory(job: ModelJob, directory: Path) -> None:
                 while chunk := source.read(8 * 1024 * 1024):
                     writer.write(chunk)
                     progress.add(len(chunk))
+                    if time.monotonic() - last_report >= REPORT_EVERY_SECONDS:
+                        progress.report()
+                        last_report = time.monotonic()
         finally:
             writer.close()
         if partial.stat().st_size != size:
@@ -108,5 +112,5 @@ def import_directory(job: ModelJob, directory: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    progress.report(time.monotonic(), phase="verifying")
+    progress.report(phase="verifying")
     _publish(job, model, RemoteSnapshot(commit, files), files, digests, None)

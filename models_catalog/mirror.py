@@ -23,7 +23,7 @@ from appliance.models import ApiToken
 from models_catalog.layout import inside
 from models_catalog.models import LocalModel, ModelFile
 
-CHUNK = 4 * 1024 * 1024
+CHUNK = 1024 * 1024
 RESOLVE = re.compile(r"^(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
 INFO = re.compile(r"^(?P<repo>[^/]+(?:/[^/]+)??)(?:/revision/(?P<revision>[^/]+))?$")
 TREE = re.compile(r"^(?P<repo>[^/]+(?:/[^/]+)?)/tree/(?P<revision>[^/]+)(?:/(?P<path>.*))?$")

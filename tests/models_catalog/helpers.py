@@ -145,6 +145,7 @@ class ThrottledProxy:
         self.cut_after: int | None = None
         self.down_after_cut = False
         self.down = False
+        self.clients: set[asyncio.StreamWriter] = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -158,8 +159,11 @@ class ThrottledProxy:
                 if to_client:
                     if self.cut_after is not None and self.bytes_to_client + len(data) > self.cut_after:
                         self.cut_after = None
-                        self.down = self.down_after_cut
                         writer.transport.abort()
+                        if self.down_after_cut:  # the source is gone: every connection drops
+                            self.down = True
+                            for other in list(self.clients):
+                                other.transport.abort()
                         return
                     self.bytes_to_client += len(data)
                     if self.rate_bps:
@@ -176,9 +180,13 @@ class ThrottledProxy:
             client_writer.transport.abort()
             return
         server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        await asyncio.gather(
-            self._pipe(client_reader, server_writer, False), self._pipe(server_reader, client_writer, True)
-        )
+        self.clients.add(client_writer)
+        try:
+            await asyncio.gather(
+                self._pipe(client_reader, server_writer, False), self._pipe(server_reader, client_writer, True)
+            )
+        finally:
+            self.clients.discard(client_writer)
 
     def start(self) -> ThrottledProxy:
         self.thread.start()
