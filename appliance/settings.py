@@ -177,6 +177,19 @@ HF_ENDPOINT = env_url("HF_ENDPOINT", "https://huggingface.co", schemes=("http", 
 DOWNLOAD_WORKERS = env_int("DOWNLOAD_WORKERS", min(8, max(2, (os.cpu_count() or 2) // 2)), minimum=1, maximum=32)
 MODEL_UPDATE_CHECK_SECONDS = env_int("MODEL_UPDATE_CHECK_SECONDS", 3600, minimum=60)
 
+# GPU monitoring: the source is chosen explicitly; "simulated" is for demos and tests only.
+GPU_SOURCE = env_choice("GPU_SOURCE", "nvml", ("nvml", "simulated"))
+GPU_SIMULATED_COUNT = env_int("GPU_SIMULATED_COUNT", 8, minimum=1, maximum=64)
+GPU_SAMPLE_SECONDS = env_int("GPU_SAMPLE_SECONDS", 5, minimum=1, maximum=3600)
+GPU_TEMPERATURE_WARNING_C = env_int("GPU_TEMPERATURE_WARNING_C", 85, minimum=30, maximum=120)
+GPU_RETENTION_RAW_HOURS = env_int("GPU_RETENTION_RAW_HOURS", 24, minimum=1)
+GPU_RETENTION_MINUTE_DAYS = env_int("GPU_RETENTION_MINUTE_DAYS", 7, minimum=1)
+GPU_RETENTION_HOUR_DAYS = env_int("GPU_RETENTION_HOUR_DAYS", 90, minimum=1)
+WEBHOOK_ATTEMPTS = env_int("WEBHOOK_ATTEMPTS", 5, minimum=1, maximum=20)
+WEBHOOK_RETRY_BASE_SECONDS = env_int("WEBHOOK_RETRY_BASE_SECONDS", 10, minimum=0)
+# /metrics needs "Authorization: Bearer <METRICS_TOKEN>"; without a token it is refused.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+
 # Celery: JSON only, one message at a time per worker process, a queue per node. A worker started
 # without -Q consumes both queues below: the shared one and the one of the box it runs on.
 NODE_QUEUE = f"node.{NODE_NAME}"
@@ -195,6 +208,8 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_QUEUES = (Queue("default"), Queue(NODE_QUEUE))
 CELERY_BEAT_SCHEDULE = {
     "recover-stale-jobs": {"task": "appliance.tasks.recover_stale_jobs", "schedule": 60.0},
+    "collect-gpus": {"task": "gpus.collect_all", "schedule": float(GPU_SAMPLE_SECONDS)},
+    "rollup-gpu-samples": {"task": "gpus.rollup", "schedule": 60.0},
     "check-model-updates": {
         "task": "models_catalog.check_updates",
         "schedule": float(MODEL_UPDATE_CHECK_SECONDS),

@@ -5,10 +5,12 @@ from django.urls import include, path, re_path
 
 from appliance import views
 from appliance.api import api
+from gpus import views as gpu_views
 from models_catalog import mirror
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
+    path("metrics", gpu_views.metrics, name="metrics"),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("i18n/", include("django.conf.urls.i18n")),

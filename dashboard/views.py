@@ -9,6 +9,7 @@ from django.views.decorators.http import require_GET
 
 from appliance import health
 from appliance.models import AuditEvent
+from gpus.summary import gpu_summary
 
 
 @login_required
@@ -20,6 +21,7 @@ def overview(request: HttpRequest) -> HttpResponse:
         {
             "health": health.report(),
             "recent_events": AuditEvent.objects.all()[:10],
+            "gpu_summary": gpu_summary(),
             "nav": "overview",
         },
     )
