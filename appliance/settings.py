@@ -159,15 +159,20 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
+# The console serves its own assets. `make run` collects them with hashed, compressed names
+# (long cache lifetimes); a process started before any collectstatic (tests, benchmarks, a bare
+# `uvicorn`) serves the same files by their plain names from the apps' static folders.
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+_COLLECTED = (STATIC_ROOT / "staticfiles.json").exists()
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if _COLLECTED
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
 }
-# The console serves its own assets; collectstatic is part of `make run`, and when it has not
-# run (tests, development) WhiteNoise looks in the apps' static folders directly.
 WHITENOISE_USE_FINDERS = True
-WHITENOISE_MANIFEST_STRICT = False
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 WHITENOISE_AUTOREFRESH = DEBUG
 
 # Model catalog: space always left free on DATA_DIR's disk, hub default, update-check period.
