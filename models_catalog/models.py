@@ -93,6 +93,9 @@ class LocalModel(models.Model):
     error = models.TextField(blank=True)
     config = models.JSONField(default=dict, blank=True)
     parameter_count = models.BigIntegerField(null=True, blank=True)
+    allow_remote_code = models.BooleanField(
+        default=False, help_text="An admin allowed deployments of this model to use --trust-remote-code."
+    )
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)

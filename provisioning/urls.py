@@ -5,4 +5,8 @@ from provisioning import views
 app_name = "provisioning"
 urlpatterns = [
     path("", views.index, name="list"),
+    path("new", views.deploy, name="deploy"),
+    path("engines/install", views.install_runtime, name="install-runtime"),
+    path("<slug:name>/", views.detail, name="detail"),
+    path("<slug:name>/<slug:action>", views.act, name="act"),
 ]

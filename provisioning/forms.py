@@ -1,0 +1,93 @@
+"""The deploy form, prefilled with recommended values, and the scale form."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+from django import forms
+from django.utils.text import slugify
+from django.utils.translation import gettext_lazy as _
+
+from models_catalog.models import LocalModel
+from provisioning.launcher import ArgumentRefused, check_extra_args
+from provisioning.models import Deployment, EngineRuntime
+
+
+class DeployForm(forms.Form):
+    model = forms.ModelChoiceField(
+        label=_("Model"), queryset=LocalModel.objects.filter(status__in=list(LocalModel.USABLE))
+    )
+    name = forms.SlugField(label=_("Served model name"), max_length=100, help_text=_("What clients put in “model”."))
+    runtime = forms.ModelChoiceField(label=_("Engine"), queryset=EngineRuntime.objects.filter(status="ready"))
+    replicas = forms.IntegerField(label=_("Replicas"), min_value=1, max_value=16, initial=1)
+    tensor_parallel = forms.IntegerField(
+        label=_("GPUs per replica (tensor parallel)"), min_value=1, max_value=16, initial=1
+    )
+    gpu_ids = forms.CharField(
+        label=_("GPUs"), required=False, help_text=_("Comma-separated GPU numbers; empty: automatic.")
+    )
+    gpu_memory_fraction = forms.FloatField(label=_("Memory fraction"), min_value=0.01, max_value=1.0)
+    max_model_len = forms.IntegerField(
+        label=_("Maximum context length"), min_value=16, max_value=10_000_000, required=False
+    )
+    extra_args = forms.CharField(
+        label=_("Extra vLLM arguments"),
+        required=False,
+        max_length=1000,
+        help_text=_("From an allowlist, e.g. --max-num-seqs 64 --enable-prefix-caching"),
+    )
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        if Deployment.objects.filter(name=name).exists():
+            raise forms.ValidationError(_("A deployment with this name exists already."))
+        return name
+
+    def clean_gpu_ids(self) -> list[int]:
+        raw = self.cleaned_data.get("gpu_ids", "").strip()
+        if not raw:
+            return []
+        if not re.fullmatch(r"\d{1,2}(\s*,\s*\d{1,2})*", raw):
+            raise forms.ValidationError(_("Use GPU numbers separated by commas, e.g. 0,1."))
+        return sorted({int(p) for p in raw.split(",")})
+
+    def clean_extra_args(self) -> list[str]:
+        raw = self.cleaned_data.get("extra_args", "")
+        try:
+            args = shlex.split(raw)
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from None
+        model = self.cleaned_data.get("model")
+        try:
+            return check_extra_args(args, trust_remote_code_allowed=bool(model and model.allow_remote_code))
+        except ArgumentRefused as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        ids, tp = data.get("gpu_ids"), data.get("tensor_parallel")
+        if ids and tp and len(ids) != tp:
+            self.add_error("gpu_ids", _("Choose exactly as many GPUs as the tensor parallel size."))
+        return data
+
+
+def recommended(model: LocalModel, runtime: EngineRuntime | None) -> dict[str, Any]:
+    """Initial values for the deploy form from the model's size and context length."""
+    facts = model.facts()
+    context = facts.get("context_length") or 4096
+    cpu = runtime is None or runtime.is_cpu
+    return {
+        "model": model.pk,
+        "name": slugify(model.repo_id.split("/")[-1])[:100] or "model",
+        "runtime": runtime.pk if runtime else None,
+        "replicas": 1,
+        "tensor_parallel": 1,
+        "gpu_memory_fraction": 0.1 if cpu else 0.9,  # CPU: the share of RAM for the KV cache
+        "max_model_len": min(context, 8192 if cpu else 32768),
+    }
+
+
+class ScaleForm(forms.Form):
+    replicas = forms.IntegerField(label=_("Replicas"), min_value=0, max_value=16)

@@ -1,0 +1,184 @@
+"""The reconcile loop: compare what the database wants with what runs on this node, and converge.
+
+One pass per tick per node, under a Redis lock so two workers never act at once. Idempotent: a
+replica whose process is alive is never launched again (that is how replicas are adopted after a
+console or worker restart); a process nobody wants is stopped.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.utils import timezone
+
+from appliance.worker import redis_client
+from provisioning import launcher
+from provisioning.models import Deployment, EngineRuntime, Replica
+from provisioning.placement import PlacementRefused, place
+
+S = Replica.State
+
+
+def _save(replica: Replica, **fields: Any) -> None:
+    for key, value in fields.items():
+        setattr(replica, key, value)
+    Replica.objects.filter(pk=replica.pk).update(**fields)
+
+
+def ensure_replicas(node: str) -> None:
+    """One replica row per wanted ordinal; ordinals beyond the count are stopped by ``step``."""
+    for deployment in Deployment.objects.filter(node=node, desired=Deployment.Desired.RUNNING):
+        have = {r.ordinal: r for r in deployment.replica_set.all()}
+        for ordinal in range(deployment.replicas):
+            replica = have.get(ordinal)
+            if replica is None:
+                Replica.objects.create(deployment=deployment, ordinal=ordinal, node=node)
+            elif replica.state == S.STOPPED:
+                _save(replica, state=S.PENDING, consecutive_crashes=0, last_error="", next_start_at=None)
+
+
+def launch(replica: Replica) -> None:
+    """Place and start one replica; a refusal fails it with the reason, leaving nothing behind."""
+    deployment = replica.deployment
+    runtime = deployment.runtime
+    if runtime.status != EngineRuntime.Status.READY or not Path(runtime.python_path).exists():
+        _save(replica, state=S.FAILED, last_error=f"The engine runtime {runtime} is not installed or broken.")
+        return
+    model = deployment.model
+    if not model.is_usable or not model.ready_path.exists():
+        _save(replica, state=S.FAILED, last_error=f"The model {model} is not ready ({model.get_status_display()}).")
+        return
+    _save(replica, state=S.PLACING)
+    try:
+        gpu_ids = replica.gpu_ids if replica.restart_count and replica.gpu_ids else place(deployment)
+    except PlacementRefused as exc:
+        _save(replica, state=S.FAILED, last_error=str(exc))
+        return
+    key = secrets.token_urlsafe(32)
+    replica.set_key(key)
+    port = launcher.free_port()
+    command = launcher.build_command(
+        runtime.python_path,
+        str(model.ready_path),
+        deployment.name,
+        port,
+        gpu_memory_fraction=deployment.gpu_memory_fraction,
+        tensor_parallel=deployment.tensor_parallel,
+        max_model_len=deployment.max_model_len,
+        extra_args=deployment.extra_args,
+    )
+    log_path = Path(settings.DATA_DIR) / "logs" / "replicas" / f"{deployment.name}-{replica.ordinal}.log"
+    env = launcher.build_environment(launcher.marker_value(replica.node, replica.pk), key, gpu_ids, runtime.is_cpu)
+    try:
+        pid = launcher.start(command, env, log_path)
+    except OSError as exc:
+        _save(replica, state=S.FAILED, last_error=f"The engine could not be started: {exc}")
+        return
+    _save(
+        replica,
+        state=S.STARTING,
+        pid=pid,
+        port=port,
+        gpu_ids=gpu_ids,
+        key_sealed=replica.key_sealed,
+        log_path=str(log_path),
+        started_at=timezone.now(),
+        ready_at=None,
+        next_start_at=None,
+    )
+
+
+def crashed(replica: Replica, reason: str) -> None:
+    """Count a crash; schedule a restart with capped exponential backoff, or fail after too many."""
+    if replica.pid and launcher.alive(replica.pid, launcher.marker_value(replica.node, replica.pk)):
+        launcher.stop(replica.pid, grace=settings.REPLICA_STOP_GRACE_SECONDS)
+    crashes = replica.consecutive_crashes + 1
+    tail = launcher.log_tail(replica.log_path)
+    if crashes >= settings.REPLICA_MAX_CRASHES:
+        _save(replica, state=S.FAILED, pid=None, consecutive_crashes=crashes,
+              last_error=f"{reason} Crashed {crashes} times in a row; last log lines:\n{tail}")  # fmt: skip
+        return
+    delay = min(settings.REPLICA_BACKOFF_SECONDS * 2 ** (crashes - 1), settings.REPLICA_BACKOFF_MAX_SECONDS)
+    _save(replica, state=S.CRASHED, pid=None, consecutive_crashes=crashes, restart_count=replica.restart_count + 1,
+          next_start_at=timezone.now() + timedelta(seconds=delay), last_error=f"{reason}\n{tail}")  # fmt: skip
+
+
+def stop_replica(replica: Replica) -> None:
+    _save(replica, state=S.STOPPING)
+    if replica.pid and launcher.alive(replica.pid, launcher.marker_value(replica.node, replica.pk)):
+        launcher.stop(replica.pid, grace=settings.REPLICA_STOP_GRACE_SECONDS)
+    _save(replica, state=S.STOPPED, pid=None, port=None, next_start_at=None)
+
+
+def step(replica: Replica) -> None:
+    deployment = replica.deployment
+    wanted = deployment.desired == Deployment.Desired.RUNNING and replica.ordinal < deployment.replicas
+    marker = launcher.marker_value(replica.node, replica.pk)
+    if not wanted:
+        if replica.state != S.STOPPED:
+            stop_replica(replica)
+        return
+    now = timezone.now()
+    if replica.state == S.PENDING or replica.state == S.PLACING:
+        launch(replica)
+    elif replica.state == S.CRASHED:
+        if replica.next_start_at is None or replica.next_start_at <= now:
+            launch(replica)
+    elif replica.state == S.STARTING:
+        if not launcher.alive(replica.pid, marker):
+            crashed(replica, "The engine exited while starting.")
+        elif launcher.probe_ready(replica.port, replica.key(), deployment.name, timeout=0.5):
+            started = replica.started_at or now
+            _save(replica, state=S.READY, ready_at=now, consecutive_crashes=0,
+                  engine_ready_seconds=(now - started).total_seconds())  # fmt: skip
+        elif replica.started_at and now - replica.started_at > timedelta(
+            seconds=settings.REPLICA_STARTUP_TIMEOUT_SECONDS
+        ):
+            crashed(replica, f"The engine did not become ready within {settings.REPLICA_STARTUP_TIMEOUT_SECONDS} s.")
+    elif replica.state == S.READY:
+        if not launcher.alive(replica.pid, marker):
+            crashed(replica, "The engine process exited.")
+
+
+def stop_orphans(node: str) -> list[int]:
+    """Stop engine processes of this node that no active replica row owns."""
+    owned = {
+        (r.pid, launcher.marker_value(node, r.pk))
+        for r in Replica.objects.filter(node=node, pid__isnull=False).exclude(state__in=list(Replica.TERMINAL))
+    }
+    stopped = []
+    for pid, marker in launcher.our_processes().items():
+        if marker.startswith(f"{node}:") and (pid, marker) not in owned:
+            launcher.stop(pid, grace=settings.REPLICA_STOP_GRACE_SECONDS)
+            stopped.append(pid)
+    return stopped
+
+
+def reconcile(node: str | None = None, client: redis.Redis | None = None) -> dict[str, Any]:
+    """One pass for ``node`` (default: this one). Returns what it did, or that another pass runs."""
+    node = node or settings.NODE_NAME
+    client = client or redis_client()
+    lock = client.lock(f"console:reconcile:{node}", timeout=120, blocking=False)
+    if not lock.acquire():
+        return {"skipped": "another reconcile pass is running"}
+    started = time.perf_counter()
+    try:
+        ensure_replicas(node)
+        replicas = Replica.objects.filter(node=node).exclude(state__in=list(Replica.TERMINAL))
+        count = 0
+        for replica in replicas.select_related("deployment__model", "deployment__runtime"):
+            step(replica)
+            count += 1
+        orphans = stop_orphans(node)
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass  # expired during a long stop; the next pass takes it again
+    return {"replicas": count, "orphans_stopped": orphans, "ms": round((time.perf_counter() - started) * 1000, 2)}

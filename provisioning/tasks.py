@@ -1,0 +1,31 @@
+"""Celery tasks of provisioning: the reconcile loop per node and runtime installs."""
+
+from __future__ import annotations
+
+from celery import shared_task
+from django.conf import settings
+
+from appliance.jobs import run_job
+from appliance.worker import alive_workers
+from provisioning.models import Deployment, RuntimeJob
+from provisioning.reconcile import reconcile
+from provisioning.runtimes import install
+
+
+@shared_task(name="provisioning.reconcile_all", ignore_result=True)
+def reconcile_all() -> int:
+    """Beat runs on one box; each node's engines are handled by that node's own worker."""
+    nodes = set(alive_workers().values()) | set(Deployment.objects.values_list("node", flat=True).distinct())
+    for node in nodes or {settings.NODE_NAME}:
+        reconcile_node.apply_async(queue=f"node.{node}", expires=settings.RECONCILE_SECONDS * 2)
+    return len(nodes)
+
+
+@shared_task(name="provisioning.reconcile_node", ignore_result=True)
+def reconcile_node() -> dict:
+    return reconcile()
+
+
+@shared_task(name="provisioning.run_runtime_job", bind=True, acks_late=True)
+def run_runtime_job(self, job_id: int) -> str:
+    return run_job(RuntimeJob, job_id, install, worker=self.request.hostname or "")

@@ -1,0 +1,179 @@
+"""The reconcile loop with a FAKE engine (fast): launch, ready, crash and restart with backoff,
+failure after repeated crashes, adoption without a duplicate, scale, stop, orphans, the lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+from unittest import mock
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from appliance.models import AuditEvent
+from models_catalog.models import JobConflict, LocalModel
+from provisioning import launcher
+from provisioning.models import Deployment, EngineRuntime, Replica
+from provisioning.reconcile import reconcile
+from tests.workers import wait_for
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def fast_loop(settings: Any) -> None:
+    settings.REPLICA_BACKOFF_SECONDS = 0
+    settings.REPLICA_MAX_CRASHES = 3
+    settings.REPLICA_STOP_GRACE_SECONDS = 3
+
+
+@pytest.fixture
+def no_kick() -> Any:
+    with mock.patch("appliance.celery.app.send_task"), mock.patch("provisioning.tasks.reconcile_node.apply_async"):
+        yield
+
+
+def deploy(client: Client, model: LocalModel, runtime: EngineRuntime, **extra: Any) -> Any:
+    form = {"model": model.pk, "name": "chat", "runtime": runtime.pk, "replicas": 1, "tensor_parallel": 1,
+            "gpu_memory_fraction": 0.01, "max_model_len": 512, "extra_args": "", **extra}  # fmt: skip
+    return client.post(reverse("provisioning:deploy"), form)
+
+
+def until(state: str, ordinal: int = 0, passes: int = 100) -> Replica:
+    def check() -> bool:
+        reconcile()
+        return Replica.objects.filter(ordinal=ordinal, state=state).exists()
+
+    assert wait_for(check, timeout=30, interval=0.2), list(Replica.objects.values("ordinal", "state", "last_error"))
+    return Replica.objects.get(ordinal=ordinal)
+
+
+def ours() -> dict[int, str]:
+    return launcher.our_processes()
+
+
+@pytest.fixture
+def cleanup() -> Any:
+    yield
+    for pid in ours():
+        launcher.stop(pid, grace=1)
+
+
+def test_deploy_ready_crash_restart_adopt_scale_stop(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any, cleanup: Any
+) -> None:
+    response = deploy(admin_client, tiny_model, fake_runtime)
+    assert response.status_code == 302, response.content[:2000]
+    assert deploy(admin_client, tiny_model, fake_runtime).status_code == 400  # a double click: one deployment
+    assert Deployment.objects.count() == 1
+    replica = until("ready")
+    assert launcher.probe_ready(replica.port, replica.key(), "chat")
+    first_pid = replica.pid
+
+    os.killpg(replica.pid, signal.SIGKILL)  # the engine dies
+    replica = until("ready")
+    assert replica.pid != first_pid and replica.restart_count == 1
+
+    # A console or worker restart: a fresh pass finds the process alive and adopts it.
+    reconcile()
+    assert Replica.objects.get(pk=replica.pk).pid == replica.pid
+    assert list(ours()) == [replica.pid]
+
+    admin_client.post(reverse("provisioning:act", args=["chat", "scale"]), {"replicas": 2})
+    second = until("ready", ordinal=1)
+    assert second.port != replica.port and len(ours()) == 2
+    admin_client.post(reverse("provisioning:act", args=["chat", "scale"]), {"replicas": 1})
+    assert until("stopped", ordinal=1).pid is None and len(ours()) == 1
+
+    with pytest.raises(JobConflict, match="deployment chat"):
+        tiny_model.request_delete()
+
+    port = replica.port
+    admin_client.post(reverse("provisioning:act", args=["chat", "stop"]))
+    until("stopped")
+    assert ours() == {} and not launcher.port_in_use(port)
+    admin_client.post(reverse("provisioning:act", args=["chat", "delete"]))
+    assert not Deployment.objects.exists()
+    actions = set(AuditEvent.objects.values_list("action", flat=True))
+    assert {"deployment.create", "deployment.scale", "deployment.stop", "deployment.delete"} <= actions
+
+
+def test_model_that_crashes_on_start_fails_with_its_log(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any, cleanup: Any
+) -> None:
+    (tiny_model.ready_path / "CRASH").write_text("")
+    deploy(admin_client, tiny_model, fake_runtime)
+    replica = until("failed")
+    assert replica.consecutive_crashes == 3
+    assert "crashed on start (fake)" in replica.last_error and "3 times in a row" in replica.last_error
+    assert ours() == {}
+    (tiny_model.ready_path / "CRASH").unlink()
+    admin_client.post(reverse("provisioning:act", args=["chat", "restart"]))
+    until("ready")
+
+
+def test_orphan_processes_are_stopped(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any, cleanup: Any
+) -> None:
+    deploy(admin_client, tiny_model, fake_runtime)
+    replica = until("ready")
+    Replica.objects.all().delete()  # a deployment deleted behind the loop's back
+    Deployment.objects.all().delete()
+    result = reconcile()
+    assert result["orphans_stopped"] == [replica.pid] and ours() == {}
+
+
+def test_broken_runtime_and_unready_model(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any
+) -> None:
+    deploy(admin_client, tiny_model, fake_runtime)
+    EngineRuntime.objects.update(python_path="/nonexistent/python")
+    replica = until("failed")
+    assert "not installed or broken" in replica.last_error and ours() == {}
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [({"extra_args": "--host 0.0.0.0"}, "extra_args"), ({"extra_args": "--trust-remote-code"}, "extra_args"),
+     ({"gpu_ids": "0,1"}, "gpu_ids"), ({"name": "Bad Name!"}, "name"), ({"replicas": 0}, "replicas")],
+)  # fmt: skip
+def test_deploy_form_refuses_bad_input(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any, extra: dict, field: str
+) -> None:
+    response = deploy(admin_client, tiny_model, fake_runtime, **extra)
+    assert response.status_code == 400
+    assert field in response.context["form"].errors
+    assert not Deployment.objects.exists()
+
+
+def test_not_ready_model_cannot_be_deployed(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any
+) -> None:
+    LocalModel.objects.update(status=LocalModel.Status.DOWNLOADING)
+    response = deploy(admin_client, tiny_model, fake_runtime)
+    assert response.status_code == 400 and "model" in response.context["form"].errors
+
+
+def test_too_big_for_memory_is_refused_up_front(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any
+) -> None:
+    response = deploy(admin_client, tiny_model, fake_runtime, gpu_memory_fraction=1.0)
+    assert response.status_code == 400 and "Not enough memory" in str(response.context["form"].errors)
+
+
+def test_viewer_cannot_deploy(viewer_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime) -> None:
+    assert deploy(viewer_client, tiny_model, fake_runtime).status_code == 403
+    assert not Deployment.objects.exists()
+
+
+def test_one_pass_at_a_time(redis_db: Any) -> None:
+    lock = redis_db.lock("console:reconcile:testnode", timeout=10)
+    assert lock.acquire()
+    from appliance.worker import redis_client
+
+    try:
+        assert reconcile(client=redis_client()) == {"skipped": "another reconcile pass is running"}
+    finally:
+        lock.release()
