@@ -92,6 +92,37 @@ def launch(replica: Replica) -> None:
         ready_at=None,
         next_start_at=None,
     )
+    from provisioning.tasks import watch_startup
+
+    # Readiness within a fraction of a second instead of at the next tick; the loop checks too.
+    watch_startup.apply_async(args=[replica.pk, pid], queue=f"node.{replica.node}")
+
+
+def mark_ready(replica: Replica) -> bool:
+    """STARTING → READY, only if the same process is still the one starting (loop and watcher race)."""
+    now = timezone.now()
+    started = replica.started_at or now
+    return bool(
+        Replica.objects.filter(pk=replica.pk, pid=replica.pid, state=S.STARTING).update(
+            state=S.READY, ready_at=now, consecutive_crashes=0, engine_ready_seconds=(now - started).total_seconds()
+        )
+    )
+
+
+def watch_startup(replica_id: int, pid: int, interval: float = 0.2) -> str:
+    """Poll one starting replica until it is ready; exits early if it stops being the one starting.
+    Crashes and timeouts are left to the loop, which holds the lock for such changes."""
+    deadline = time.monotonic() + settings.REPLICA_STARTUP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        replica = Replica.objects.filter(pk=replica_id, pid=pid, state=S.STARTING).select_related("deployment").first()
+        if replica is None:
+            return "no longer starting"
+        if not launcher.alive(pid, launcher.marker_value(replica.node, replica.pk)):
+            return "exited"
+        if launcher.probe_ready(replica.port, replica.key(), replica.deployment.name, timeout=0.5):
+            return "ready" if mark_ready(replica) else "changed meanwhile"
+        time.sleep(interval)
+    return "timed out"
 
 
 def crashed(replica: Replica, reason: str) -> None:
@@ -134,9 +165,7 @@ def step(replica: Replica) -> None:
         if not launcher.alive(replica.pid, marker):
             crashed(replica, "The engine exited while starting.")
         elif launcher.probe_ready(replica.port, replica.key(), deployment.name, timeout=0.5):
-            started = replica.started_at or now
-            _save(replica, state=S.READY, ready_at=now, consecutive_crashes=0,
-                  engine_ready_seconds=(now - started).total_seconds())  # fmt: skip
+            mark_ready(replica)
         elif replica.started_at and now - replica.started_at > timedelta(
             seconds=settings.REPLICA_STARTUP_TIMEOUT_SECONDS
         ):

@@ -7,8 +7,8 @@ from django.conf import settings
 
 from appliance.jobs import run_job
 from appliance.worker import alive_workers
+from provisioning import reconcile as loop
 from provisioning.models import Deployment, RuntimeJob
-from provisioning.reconcile import reconcile
 from provisioning.runtimes import install
 
 
@@ -23,7 +23,12 @@ def reconcile_all() -> int:
 
 @shared_task(name="provisioning.reconcile_node", ignore_result=True)
 def reconcile_node() -> dict:
-    return reconcile()
+    return loop.reconcile()
+
+
+@shared_task(name="provisioning.watch_startup", ignore_result=True)
+def watch_startup(replica_id: int, pid: int) -> str:
+    return loop.watch_startup(replica_id, pid)
 
 
 @shared_task(name="provisioning.run_runtime_job", bind=True, acks_late=True)

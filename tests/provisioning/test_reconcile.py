@@ -177,3 +177,19 @@ def test_one_pass_at_a_time(redis_db: Any) -> None:
         assert reconcile(client=redis_client()) == {"skipped": "another reconcile pass is running"}
     finally:
         lock.release()
+
+
+def test_startup_watcher_marks_ready_without_waiting_for_a_tick(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any, cleanup: Any
+) -> None:
+    from provisioning.reconcile import watch_startup
+
+    deploy(admin_client, tiny_model, fake_runtime)
+    with mock.patch("provisioning.tasks.watch_startup.apply_async") as queued:
+        reconcile()
+    replica = Replica.objects.get()
+    assert replica.state == "starting"
+    queued.assert_called_once_with(args=[replica.pk, replica.pid], queue="node.testnode")
+    assert watch_startup(replica.pk, replica.pid, interval=0.05) == "ready"
+    assert Replica.objects.get().state == "ready"
+    assert watch_startup(replica.pk, replica.pid) == "no longer starting"
