@@ -147,8 +147,10 @@ api.add_router("/", system)
 
 def _add_app_routers() -> None:
     from models_catalog.api import router as models_router
+    from provisioning.api import router as deployments_router
 
     api.add_router("/", models_router)
+    api.add_router("/", deployments_router)
 
 
 _add_app_routers()

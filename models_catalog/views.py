@@ -181,6 +181,11 @@ def act(request: HttpRequest, model_id: int, action: str) -> HttpResponse:
 
             check_model.delay(model.pk)
             messages.info(request, _("Asking the source for the latest commit…"))
+        elif action == "allow-remote-code":
+            allowed = request.POST.get("allow") == "1"
+            LocalModel.objects.filter(pk=model.pk).update(allow_remote_code=allowed)
+            audit.record(request, "model.allow_remote_code", model, detail={"allowed": allowed})
+            return redirect("models_catalog:detail", model_id=model.pk)
         elif action in ACTIONS:
             model.start_job(ACTIONS[action], request.user)
         else:

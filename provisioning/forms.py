@@ -78,15 +78,34 @@ def recommended(model: LocalModel, runtime: EngineRuntime | None) -> dict[str, A
     facts = model.facts()
     context = facts.get("context_length") or 4096
     cpu = runtime is None or runtime.is_cpu
+    fraction = 0.1  # CPU: the share of RAM for the KV cache (ENGINE_NOTES.md)
+    if not cpu:
+        fraction = _gpu_fraction(model, runtime, min(context, 32768))
     return {
         "model": model.pk,
         "name": slugify(model.repo_id.split("/")[-1])[:100] or "model",
         "runtime": runtime.pk if runtime else None,
         "replicas": 1,
         "tensor_parallel": 1,
-        "gpu_memory_fraction": 0.1 if cpu else 0.9,  # CPU: the share of RAM for the KV cache
+        "gpu_memory_fraction": fraction,
         "max_model_len": min(context, 8192 if cpu else 32768),
     }
+
+
+def _gpu_fraction(model: LocalModel, runtime: EngineRuntime, context: int) -> float:
+    """Enough of the freest healthy GPU for the weights and 16 full-length sequences, at most 0.9."""
+    from gpus.models import Gpu
+    from models_catalog.memory import estimate
+
+    gpus = [g for g in Gpu.objects.filter(node=runtime.node) if g.accepts_new_replicas and g.latest.get("mem_total")]
+    if not gpus:
+        return 0.9
+    total = max(g.latest["mem_total"] for g in gpus)
+    try:
+        need = estimate(model.facts(), context, 16)["total_bytes"]
+    except ValueError:
+        return 0.9
+    return round(min(0.9, max(0.1, need / total)), 2)
 
 
 class ScaleForm(forms.Form):

@@ -87,11 +87,16 @@ def place_gpus(deployment: Deployment, need: int, exclude_replica: int | None = 
             reasons.append(f"GPU {gpu.index} is {gpu.get_health_display().lower()}")
         elif claimed.get(gpu.index, 0.0) + deployment.gpu_memory_fraction > 1.0 + 1e-9:
             reasons.append(f"GPU {gpu.index} has {1 - claimed.get(gpu.index, 0.0):.2f} of its memory unclaimed")
-        elif (
-            per_gpu > deployment.gpu_memory_fraction * total
-            or deployment.gpu_memory_fraction * total > total - used + claimed.get(gpu.index, 0) * total
-        ):
-            reasons.append(f"GPU {gpu.index} has {(total - used) / GiB:.1f} GiB free, {per_gpu / GiB:.1f} GiB needed")
+        elif per_gpu > deployment.gpu_memory_fraction * total:
+            reasons.append(
+                f"GPU {gpu.index}: a fraction of {deployment.gpu_memory_fraction:g} is "
+                f"{deployment.gpu_memory_fraction * total / GiB:.1f} GiB, the model needs {per_gpu / GiB:.1f} GiB"
+            )
+        elif deployment.gpu_memory_fraction * total > total - used:
+            reasons.append(
+                f"GPU {gpu.index} has {(total - used) / GiB:.1f} GiB free, the memory fraction asks for "
+                f"{deployment.gpu_memory_fraction * total / GiB:.1f} GiB"
+            )
         else:
             fitting.append(gpu)
     if len(fitting) < count:

@@ -193,3 +193,64 @@ def test_startup_watcher_marks_ready_without_waiting_for_a_tick(
     assert watch_startup(replica.pk, replica.pid, interval=0.05) == "ready"
     assert Replica.objects.get().state == "ready"
     assert watch_startup(replica.pk, replica.pid) == "no longer starting"
+
+
+def test_port_taken_by_another_program_is_a_crash_then_a_new_port(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any, cleanup: Any
+) -> None:
+    import socket
+
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real_free_port = launcher.free_port
+    ports = iter([taken])
+    try:
+        with mock.patch.object(launcher, "free_port", lambda: next(ports, None) or real_free_port()):
+            deploy(admin_client, tiny_model, fake_runtime)
+            replica = until("ready")
+        assert replica.port != taken and replica.restart_count == 1
+        assert "exited while starting" in replica.last_error  # the first try, kept for the admin
+    finally:
+        squatter.close()
+
+
+def test_api_deployments(
+    admin_user: Any, client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any, cleanup: Any
+) -> None:
+    from appliance.models import ApiToken
+
+    _, raw = ApiToken.issue(admin_user, "t")
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {raw}"}
+    body = {"model_id": tiny_model.pk, "name": "api-chat", "gpu_memory_fraction": 0.01, "max_model_len": 256}
+    created = client.post("/api/v1/deployments", body, content_type="application/json", **auth)
+    assert created.status_code == 201, created.content
+    bad = client.post("/api/v1/deployments", {**body, "name": "x", "extra_args": "--host 0.0.0.0"},
+                      content_type="application/json", **auth)  # fmt: skip
+    assert bad.status_code == 422 and "not an allowed vLLM argument" in bad.json()["detail"]
+    until("ready")
+    listed = client.get("/api/v1/deployments", **auth).json()
+    assert listed[0]["name"] == "api-chat" and listed[0]["replica_states"][0]["state"] == "ready"
+    scaled = client.post("/api/v1/deployments/api-chat/scale", {"replicas": 0}, content_type="application/json", **auth)
+    assert scaled.json()["replicas"] == 0
+    until("stopped")
+    assert ours() == {}
+
+
+def test_trust_remote_code_only_when_allowed_for_the_model(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any
+) -> None:
+    assert deploy(admin_client, tiny_model, fake_runtime, extra_args="--trust-remote-code").status_code == 400
+    admin_client.post(reverse("models_catalog:act", args=[tiny_model.pk, "allow-remote-code"]), {"allow": "1"})
+    assert LocalModel.objects.get().allow_remote_code
+    assert deploy(admin_client, tiny_model, fake_runtime, extra_args="--trust-remote-code").status_code == 302
+    assert Deployment.objects.get().extra_args == ["--trust-remote-code"]
+
+
+def test_deploy_form_is_prefilled_from_the_model(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime
+) -> None:
+    form = admin_client.get(reverse("provisioning:deploy"), {"model": tiny_model.pk}).context["form"]
+    assert form.initial["name"] == "tiny" and form.initial["max_model_len"] == 2048
+    assert form.initial["gpu_memory_fraction"] == 0.1 and form.initial["runtime"] == fake_runtime.pk

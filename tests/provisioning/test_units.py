@@ -54,8 +54,16 @@ def gpu_runtime(db: None) -> EngineRuntime:
     return EngineRuntime.objects.create(node="gpubox", name="vllm", package="vllm", python_path="/x", status="ready")
 
 
+def idle(node: str) -> None:
+    """Pin the simulated GPUs' memory use (the simulated numbers wander with time)."""
+    for gpu in Gpu.objects.filter(node=node):
+        gpu.latest = {**gpu.latest, "mem_used": 1024**3, "mem_total": 80 * 1024**3}
+        gpu.save()
+
+
 def test_gpu_placement_picks_healthy_gpus_with_room(tiny_model: Any, gpu_runtime: EngineRuntime) -> None:
     collect(SimulatedProbe(count=4, faults=lambda: [{"gpu": 0, "kind": "ecc_dbe"}]), node="gpubox")
+    idle("gpubox")
     deployment = Deployment(name="d", model=tiny_model, runtime=gpu_runtime, node="gpubox", tensor_parallel=2,
                             gpu_memory_fraction=0.5)  # fmt: skip
     chosen = place(deployment)
@@ -64,6 +72,7 @@ def test_gpu_placement_picks_healthy_gpus_with_room(tiny_model: Any, gpu_runtime
 
 def test_gpu_placement_refusals_name_what_did_not_fit(tiny_model: Any, gpu_runtime: EngineRuntime) -> None:
     collect(SimulatedProbe(count=2), node="gpubox")
+    idle("gpubox")
     too_many = Deployment(name="d", model=tiny_model, runtime=gpu_runtime, node="gpubox", tensor_parallel=4)
     with pytest.raises(PlacementRefused, match="needs 4 GPUs; gpubox has 2"):
         place(too_many)
@@ -81,6 +90,12 @@ def test_gpu_placement_refusals_name_what_did_not_fit(tiny_model: Any, gpu_runti
     other = Deployment(name="o", model=tiny_model, runtime=gpu_runtime, node="gpubox", gpu_ids=[1])
     with pytest.raises(PlacementRefused, match="GPU 1 is critical"):
         place(other)
+    Gpu.objects.filter(index=1).update(health="ok", latest={"mem_used": 60 * 1024**3, "mem_total": 80 * 1024**3})
+    busy = Deployment(
+        name="b", model=tiny_model, runtime=gpu_runtime, node="gpubox", gpu_ids=[1], gpu_memory_fraction=0.5
+    )
+    with pytest.raises(PlacementRefused, match=r"GPU 1 has 20\.0 GiB free, the memory fraction asks for 40\.0 GiB"):
+        place(busy)
 
 
 def test_cpu_placement_checks_system_memory(tiny_model: Any, fake_runtime: EngineRuntime) -> None:
