@@ -87,13 +87,7 @@ def create_deployment(request: HttpRequest, payload: DeployIn) -> Status:
     form = DeployForm({**data, "model": data.pop("model_id"), "runtime": runtime_id})
     if not form.is_valid():
         raise HttpError(422, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
-    clean = form.cleaned_data
-    deployment = Deployment(
-        name=clean["name"], model=clean["model"], runtime=clean["runtime"], node=clean["runtime"].node,
-        replicas=clean["replicas"], tensor_parallel=clean["tensor_parallel"], gpu_ids=clean["gpu_ids"],
-        gpu_memory_fraction=clean["gpu_memory_fraction"], max_model_len=clean["max_model_len"],
-        extra_args=clean["extra_args"], created_by=request.user,
-    )  # fmt: skip
+    deployment = Deployment.from_form(form.cleaned_data, request.user)
     try:
         place(deployment)
     except PlacementRefused as exc:

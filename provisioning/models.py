@@ -101,6 +101,17 @@ class Deployment(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @classmethod
+    def from_form(cls, data: dict[str, Any], user: Any = None) -> Deployment:
+        """An unsaved deployment from a DeployForm's cleaned data, on its runtime's node."""
+        runtime = data["runtime"]
+        return cls(
+            name=data["name"], model=data["model"], runtime=runtime, node=runtime.node, replicas=data["replicas"],
+            tensor_parallel=data["tensor_parallel"], gpu_ids=data["gpu_ids"],
+            gpu_memory_fraction=data["gpu_memory_fraction"], max_model_len=data["max_model_len"],
+            extra_args=data["extra_args"], created_by=user,
+        )  # fmt: skip
+
     def state(self) -> str:
         """One word for the list: the best state among its replicas."""
         states = set(self.replica_set.values_list("state", flat=True))

@@ -75,13 +75,7 @@ def deploy(request: HttpRequest) -> HttpResponse:
 def _create(request: HttpRequest) -> HttpResponse:
     form = DeployForm(request.POST)
     if form.is_valid():
-        data = form.cleaned_data
-        deployment = Deployment(
-            name=data["name"], model=data["model"], runtime=data["runtime"], node=data["runtime"].node,
-            replicas=data["replicas"], tensor_parallel=data["tensor_parallel"], gpu_ids=data["gpu_ids"],
-            gpu_memory_fraction=data["gpu_memory_fraction"], max_model_len=data["max_model_len"],
-            extra_args=data["extra_args"], created_by=request.user,
-        )  # fmt: skip
+        deployment = Deployment.from_form(form.cleaned_data, request.user)
         try:
             place(deployment)  # refuse at once what would not fit
         except PlacementRefused as exc:
