@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 from typing import Any
@@ -40,6 +41,17 @@ def reset_probe() -> None:
     _probe = None
 
 
+def _add_process_groups(readings: list[Any]) -> None:
+    """Each GPU process's process group: an engine's workers share the group of the replica's
+    process, which is how the GPUs page names the deployment behind a PID."""
+    for reading in readings:
+        for process in reading.processes:
+            try:
+                process["pgid"] = os.getpgid(process["pid"])
+            except (ProcessLookupError, PermissionError):
+                process["pgid"] = None
+
+
 def collect(probe: GpuProbe | None = None, node: str | None = None) -> dict[str, Any]:
     """Sample every GPU of this node once and record it; returns a summary."""
     probe = probe or get_probe()
@@ -54,6 +66,7 @@ def collect(probe: GpuProbe | None = None, node: str | None = None) -> dict[str,
         )
         return {"ok": False, "error": str(exc)}
     sample_ms = (time.perf_counter() - started) * 1000
+    _add_process_groups(readings)
     now = timezone.now()
     window_start = now - timedelta(seconds=60)
     with transaction.atomic():

@@ -24,8 +24,19 @@ from gpus.models import Alert, Gpu, NodeProbe, Webhook, WebhookDelivery
 admin_only = require_role(Role.APPLIANCE_ADMIN)
 
 
+def _owners(gpus: list[Gpu]) -> None:
+    """Name the deployment replica behind each GPU process (matched by node and process group)."""
+    from provisioning.models import Replica
+
+    replicas = {(r.node, r.pid): str(r) for r in Replica.objects.filter(pid__isnull=False).select_related("deployment")}
+    for gpu in gpus:
+        for process in gpu.latest.get("processes", []):
+            process["owner"] = replicas.get((gpu.node, process.get("pgid"))) or replicas.get((gpu.node, process["pid"]))
+
+
 def _tiles_context() -> dict:
     gpus = list(Gpu.objects.all())
+    _owners(gpus)
     probes = list(NodeProbe.objects.all())
     return {
         "gpus": gpus,

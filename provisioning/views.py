@@ -23,6 +23,19 @@ from provisioning.runtimes import request_install
 admin_only = require_role(Role.APPLIANCE_ADMIN)
 
 
+def gpu_alerts(replicas: list[Replica]) -> list:
+    """Open alerts of the GPUs the replicas run on, shown on the deployment page."""
+    from django.db.models import Q
+
+    from gpus.models import Alert
+
+    wanted = Q(pk__in=[])
+    for replica in replicas:
+        if replica.gpu_ids and replica.state not in Replica.TERMINAL:
+            wanted |= Q(gpu__node=replica.node, gpu__index__in=replica.gpu_ids)
+    return list(Alert.objects.filter(wanted, resolved_at__isnull=True).select_related("gpu"))
+
+
 def _kick() -> None:
     """Run a reconcile pass now rather than at the next beat tick."""
     from provisioning.tasks import reconcile_node
@@ -107,6 +120,7 @@ def detail(request: HttpRequest, name: str) -> HttpResponse:
             "replicas": replicas,
             "log": launcher.log_tail(replicas[0].log_path, 4000) if replicas else "",
             "scale_form": ScaleForm(initial={"replicas": deployment.replicas}),
+            "gpu_alerts": gpu_alerts(replicas),
             "nav": "deployments",
         },
     )

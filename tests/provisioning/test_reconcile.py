@@ -254,3 +254,26 @@ def test_deploy_form_is_prefilled_from_the_model(
     form = admin_client.get(reverse("provisioning:deploy"), {"model": tiny_model.pk}).context["form"]
     assert form.initial["name"] == "tiny" and form.initial["max_model_len"] == 2048
     assert form.initial["gpu_memory_fraction"] == 0.1 and form.initial["runtime"] == fake_runtime.pk
+
+
+def test_deployment_page_shows_alerts_of_its_gpus(admin_client: Client, tiny_model: LocalModel, db: Any) -> None:
+    from gpus.collect import collect
+    from gpus.probe import SimulatedProbe
+
+    collect(SimulatedProbe(count=2, faults=lambda: [{"gpu": 1, "kind": "xid", "value": 79}]), node="gpubox")
+    runtime = EngineRuntime.objects.create(node="gpubox", name="vllm", package="vllm", python_path="/x", status="ready")
+    deployment = Deployment.objects.create(name="chat", model=tiny_model, runtime=runtime, node="gpubox")
+    Replica.objects.create(deployment=deployment, ordinal=0, node="gpubox", gpu_ids=[1], state="ready", pid=4242)
+    html = admin_client.get(reverse("provisioning:detail", args=["chat"])).content.decode()
+    assert "XID 79" in html and "GPU 1" in html
+
+
+def test_gpu_processes_name_their_replica(admin_client: Client, tiny_model: LocalModel, db: Any) -> None:
+    from gpus.models import Gpu
+
+    runtime = EngineRuntime.objects.create(node="gpubox", name="vllm", package="vllm", python_path="/x", status="ready")
+    deployment = Deployment.objects.create(name="chat", model=tiny_model, runtime=runtime, node="gpubox")
+    Replica.objects.create(deployment=deployment, ordinal=0, node="gpubox", gpu_ids=[0], state="ready", pid=4242)
+    Gpu.objects.create(node="gpubox", index=0, uuid="GPU-a", health="ok",
+                       latest={"processes": [{"pid": 4250, "memory": 1024**3, "pgid": 4242}]})  # fmt: skip
+    assert "chat#0" in admin_client.get(reverse("gpus:list")).content.decode()
