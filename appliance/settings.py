@@ -159,18 +159,11 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
-# The console serves its own assets. `make run` collects them with hashed, compressed names
-# (long cache lifetimes); a process started before any collectstatic (tests, benchmarks, a bare
-# `uvicorn`) serves the same files by their plain names from the apps' static folders.
+# The console serves its own assets (appliance/staticfiles.py): hashed names once collected.
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
-_COLLECTED = (STATIC_ROOT / "staticfiles.json").exists()
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {
-        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
-        if _COLLECTED
-        else "django.contrib.staticfiles.storage.StaticFilesStorage"
-    },
+    "staticfiles": {"BACKEND": "appliance.staticfiles.ConsoleStaticStorage"},
 }
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = DEBUG

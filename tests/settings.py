@@ -16,7 +16,3 @@ from appliance.settings import INSTALLED_APPS
 # A job model used only to exercise the job-row machinery (no migrations: created by the test run).
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.jobapp"]
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-}
