@@ -1,0 +1,200 @@
+"""The per-department limiter: one atomic Lua script per admission, all keys of a department
+under one hash tag ``{dept:<id>}``, time taken from Redis (``TIME``), never from the host.
+
+- requests per minute: GCRA (a burst of at most a sixth of the minute, no doubling at window edges);
+- tokens per minute and the day/month budgets: ``prompt_tokens + max_tokens`` reserved at admission,
+  settled to the real usage when the response ends, released (settled to 0) on error;
+- concurrency: leases in a sorted set scored by their expiry, released in ``finally``, expired
+  ones reclaimed by the next admission.
+
+Redis unreachable → denied with the distinct reason ``redis_unavailable`` (the gateway answers 503);
+there is no per-process fallback.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import redis
+
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+local max_conc, reserve = tonumber(ARGV[5]), tonumber(ARGV[6])
+local lease, lease_ttl = ARGV[7], tonumber(ARGV[8])
+local day_ttl, month_ttl = tonumber(ARGV[9]), tonumber(ARGV[10])
+local rem_rpm, rem_tpm, rem_day, rem_month = -1, -1, -1, -1
+
+local new_rpm_tat, rpm_period = nil, 0
+if rpm > 0 then
+  local period = 60000 / rpm
+  local burst = math.max(1, math.ceil(rpm / 6))
+  local tau = (burst - 1) * period
+  local tat = tonumber(redis.call('GET', KEYS[1])) or now
+  if tat < now then tat = now end
+  if tat - now > tau then
+    return {0, 'rpm', math.ceil(tat - now - tau), 0, -1, -1, -1}
+  end
+  new_rpm_tat = tat + period
+  rpm_period = period
+  rem_rpm = math.floor((tau + period - (new_rpm_tat - now)) / period)
+end
+
+local new_tpm_tat = nil
+if tpm > 0 then
+  if reserve > tpm then
+    return {0, 'tpm_request_too_large', -1, rem_rpm, 0, -1, -1}
+  end
+  local per_token = 60000 / tpm
+  local tat = tonumber(redis.call('GET', KEYS[2])) or now
+  if tat < now then tat = now end
+  new_tpm_tat = tat + reserve * per_token
+  if new_tpm_tat - now > 60000 then
+    return {0, 'tpm', math.ceil(new_tpm_tat - now - 60000), rem_rpm, 0, -1, -1}
+  end
+  rem_tpm = math.floor((60000 - (new_tpm_tat - now)) / per_token)
+end
+
+if day_budget > 0 then
+  local used = tonumber(redis.call('GET', KEYS[3])) or 0
+  if used + reserve > day_budget then
+    return {0, 'tokens_per_day', math.max(redis.call('PTTL', KEYS[3]), 1000), rem_rpm, rem_tpm, 0, -1}
+  end
+  rem_day = day_budget - used - reserve
+end
+if month_budget > 0 then
+  local used = tonumber(redis.call('GET', KEYS[4])) or 0
+  if used + reserve > month_budget then
+    return {0, 'tokens_per_month', math.max(redis.call('PTTL', KEYS[4]), 1000), rem_rpm, rem_tpm, rem_day, 0}
+  end
+  rem_month = month_budget - used - reserve
+end
+if max_conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  if redis.call('ZCARD', KEYS[5]) >= max_conc then
+    return {0, 'concurrency', 1000, rem_rpm, rem_tpm, rem_day, rem_month}
+  end
+end
+
+-- every check passed: take what was asked for
+if new_rpm_tat then
+  redis.call('SET', KEYS[1], tostring(new_rpm_tat), 'PX', math.ceil(new_rpm_tat - now + rpm_period))
+end
+if new_tpm_tat then redis.call('SET', KEYS[2], tostring(new_tpm_tat), 'PX', math.ceil(new_tpm_tat - now + 1000)) end
+if day_budget > 0 or month_budget > 0 or reserve > 0 then
+  redis.call('INCRBY', KEYS[3], reserve)
+  redis.call('EXPIRE', KEYS[3], day_ttl, 'NX')
+  redis.call('INCRBY', KEYS[4], reserve)
+  redis.call('EXPIRE', KEYS[4], month_ttl, 'NX')
+end
+if max_conc > 0 then redis.call('ZADD', KEYS[5], now + lease_ttl, lease) end
+return {1, '', 0, rem_rpm, rem_tpm, rem_day, rem_month}
+"""
+
+SETTLE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tpm, delta, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+if tpm > 0 and delta ~= 0 then
+  local tat = tonumber(redis.call('GET', KEYS[1]))
+  if tat then
+    tat = math.max(tat + delta * 60000 / tpm, now)
+    redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now + 1000))
+  end
+end
+if delta ~= 0 then
+  for i = 2, 3 do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      if redis.call('INCRBY', KEYS[i], delta) < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
+    end
+  end
+end
+if lease ~= '' then redis.call('ZREM', KEYS[4], lease) end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A department's limits (a key may narrow them); None means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    concurrency: int | None = None
+
+    def narrowed(self, other: Limits) -> Limits:
+        """The stricter of the two for each limit (a key can only narrow its department's)."""
+
+        def pick(a: int | None, b: int | None) -> int | None:
+            return b if a is None else a if b is None else min(a, b)
+
+        return Limits(*(pick(getattr(self, f), getattr(other, f)) for f in self.__dataclass_fields__))
+
+
+@dataclass
+class Decision:
+    allowed: bool
+    limit: str = ""  # which limit denied: rpm, tpm, tpm_request_too_large, tokens_per_day, …, redis_unavailable
+    retry_after: float | None = None  # seconds
+    remaining: dict[str, int] = field(default_factory=dict)
+    lease: str = ""
+    reserved: int = 0
+
+
+def _keys(department_id: int, now: datetime) -> list[str]:
+    tag = f"{{dept:{department_id}}}"
+    return [f"lim:{tag}:rpm", f"lim:{tag}:tpm", f"lim:{tag}:day:{now:%Y%m%d}", f"lim:{tag}:month:{now:%Y%m}",
+            f"lim:{tag}:leases"]  # fmt: skip
+
+
+class Limiter:
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.admit_script = client.register_script(ADMIT)  # EVALSHA, loading the script when Redis lost it
+        self.settle_script = client.register_script(SETTLE)
+
+    def admit(self, department_id: int, limits: Limits, reserve_tokens: int, lease_seconds: float = 600) -> Decision:
+        now = datetime.now(UTC)
+        lease = secrets.token_hex(8) if limits.concurrency else ""
+        args = [limits.rpm or 0, limits.tpm or 0, limits.tokens_per_day or 0, limits.tokens_per_month or 0,
+                limits.concurrency or 0, max(0, int(reserve_tokens)), lease, int(lease_seconds * 1000),
+                2 * 86400, 33 * 86400]  # fmt: skip
+        try:
+            result = self.admit_script(keys=_keys(department_id, now), args=args)
+        except redis.RedisError:
+            return Decision(False, "redis_unavailable", retry_after=1.0)
+        allowed, limit, retry_ms, *remaining = result
+        names = ("requests", "tokens", "tokens_per_day", "tokens_per_month")
+        decision = Decision(
+            bool(allowed),
+            limit.decode() if isinstance(limit, bytes) else str(limit),
+            retry_after=None if int(retry_ms) < 0 else math.ceil(int(retry_ms)) / 1000,
+            remaining={name: int(value) for name, value in zip(names, remaining, strict=True) if int(value) >= 0},
+        )
+        if decision.allowed:
+            decision.lease, decision.reserved = lease, max(0, int(reserve_tokens))
+        return decision
+
+    def settle(self, department_id: int, limits: Limits, decision: Decision, used_tokens: int) -> None:
+        """Correct the reservation to the real usage (both ways) and release the lease."""
+        keys = _keys(department_id, datetime.now(UTC))
+        delta = max(0, int(used_tokens)) - decision.reserved
+        self.settle_script(keys=[keys[1], keys[2], keys[3], keys[4]], args=[limits.tpm or 0, delta, decision.lease])
+
+    def release(self, department_id: int, limits: Limits, decision: Decision) -> None:
+        """The request failed before any token was produced: give everything back."""
+        self.settle(department_id, limits, decision, 0)
+
+    def rebuild_budgets(self, department_id: int, day_used: int, month_used: int) -> None:
+        """After Redis lost its data: restore the day/month counters from usage records (only where
+        missing, so a counter that came back meanwhile is not overwritten)."""
+        keys = _keys(department_id, datetime.now(UTC))
+        self.client.set(keys[2], int(day_used), ex=2 * 86400, nx=True)
+        self.client.set(keys[3], int(month_used), ex=33 * 86400, nx=True)
