@@ -154,10 +154,14 @@ def test_department_scope_hook() -> None:
     dept_admin = make_user("d1", Role.DEPARTMENT_ADMIN)
     assert department_ids(admin) is None
     assert department_ids(viewer) is None
+    from appliance import roles
+
+    original = roles._department_lookup
     register_department_lookup(lambda user: {7} if user.username == "d1" else set())
     try:
         assert department_ids(dept_admin) == {7}
-    finally:
         register_department_lookup(None)  # type: ignore[arg-type]
-    # Without a lookup a department admin sees no department, never all of them.
-    assert department_ids(dept_admin) == set()
+        # Without a lookup a department admin sees no department, never all of them.
+        assert department_ids(dept_admin) == set()
+    finally:
+        register_department_lookup(original)  # type: ignore[arg-type]

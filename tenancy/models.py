@@ -1,0 +1,177 @@
+"""Departments, their members and API keys. Tenant scoping lives in one place: the
+``visible_to(user)`` queryset methods (backed by ``appliance.roles.department_ids``)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import models, transaction
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from appliance.roles import department_ids
+from tenancy import keys
+from tenancy.limiter import Limits
+
+
+class DepartmentQuerySet(models.QuerySet):
+    def visible_to(self, user: Any) -> DepartmentQuerySet:
+        ids = department_ids(user)
+        return self if ids is None else self.filter(pk__in=ids)
+
+
+class Department(models.Model):
+    """A team sharing the appliance: its quotas and which deployed models it may use."""
+
+    class Priority(models.TextChoices):
+        HIGH = "high", _("High")
+        NORMAL = "normal", _("Normal")
+        LOW = "low", _("Low")
+
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    contact = models.CharField(_("contact"), max_length=200, blank=True)
+    priority = models.CharField(_("priority"), max_length=8, choices=Priority.choices, default=Priority.NORMAL)
+    deployments = models.ManyToManyField("provisioning.Deployment", blank=True, related_name="departments")
+    rpm = models.PositiveIntegerField(_("requests per minute"), null=True, blank=True)
+    tpm = models.PositiveIntegerField(_("tokens per minute"), null=True, blank=True)
+    tokens_per_day = models.PositiveBigIntegerField(_("tokens per day"), null=True, blank=True)
+    tokens_per_month = models.PositiveBigIntegerField(_("tokens per month"), null=True, blank=True)
+    max_concurrency = models.PositiveIntegerField(_("concurrent requests"), null=True, blank=True)
+    max_tokens_per_request = models.PositiveIntegerField(_("max_tokens per request"), null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = DepartmentQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def limits(self) -> Limits:
+        return Limits(self.rpm, self.tpm, self.tokens_per_day, self.tokens_per_month, self.max_concurrency)
+
+
+class Membership(models.Model):
+    class Role(models.TextChoices):
+        ADMIN = "department_admin", _("Department admin")
+        VIEWER = "viewer", _("Viewer")
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    department = models.ForeignKey(Department, on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=20, choices=Role.choices, default=Role.VIEWER)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "department"], name="one_membership_per_department")]
+
+    def __str__(self) -> str:
+        return f"{self.user} in {self.department} ({self.get_role_display()})"
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def visible_to(self, user: Any) -> ApiKeyQuerySet:
+        ids = department_ids(user)
+        return self if ids is None else self.filter(department_id__in=ids)
+
+
+class ApiKey(models.Model):
+    """A key issued to a department for a team or an application. Only its hash is stored."""
+
+    department = models.ForeignKey(Department, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(_("name"), max_length=100)
+    key_id = models.CharField(max_length=keys.ID_LENGTH, unique=True)
+    key_hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    # Rotation: the old key keeps working until ``grace_until``, then counts as revoked.
+    replaced_by = models.OneToOneField(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replaces"
+    )
+    grace_until = models.DateTimeField(null=True, blank=True)
+    # Optional limits that can only narrow the department's.
+    rpm = models.PositiveIntegerField(null=True, blank=True)
+    tpm = models.PositiveIntegerField(null=True, blank=True)
+    max_concurrency = models.PositiveIntegerField(null=True, blank=True)
+    max_tokens_per_request = models.PositiveIntegerField(null=True, blank=True)
+    deployments = models.ManyToManyField("provisioning.Deployment", blank=True, related_name="+")
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({keys.PREFIX}{self.key_id[:4]}…)"
+
+    @classmethod
+    def issue(cls, department: Department, name: str, user: Any = None, **fields: Any) -> tuple[ApiKey, str]:
+        """Create a key; returns it with the raw secret, shown once and stored nowhere."""
+        generated = keys.generate()
+        key = cls.objects.create(
+            department=department,
+            name=name,
+            key_id=generated.key_id,
+            key_hash=generated.hash,
+            created_by=user,
+            **fields,
+        )
+        return key, generated.raw
+
+    @classmethod
+    def authenticate(cls, raw: str) -> ApiKey | None:
+        """The usable key for ``raw``, or None (malformed, unknown, revoked, expired, rotated out)."""
+        try:
+            parsed = keys.parse(raw)
+        except keys.MalformedKey:
+            return None
+        key = cls.objects.select_related("department").filter(key_id=parsed.key_id).first()
+        if key is None or not keys.matches(raw, key.key_hash) or not key.is_usable:
+            return None
+        return key
+
+    @property
+    def is_usable(self) -> bool:
+        now = timezone.now()
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return False
+        return self.expires_at is None or self.expires_at > now
+
+    def revoke(self) -> None:
+        self.revoked_at = timezone.now()
+        self.save(update_fields=["revoked_at"])
+
+    def rotate(self, grace: timedelta, user: Any = None) -> tuple[ApiKey, str]:
+        """A new key with the same settings; this one keeps working for ``grace``."""
+        with transaction.atomic():
+            new, raw = ApiKey.issue(
+                self.department, self.name, user, expires_at=self.expires_at, rpm=self.rpm, tpm=self.tpm,
+                max_concurrency=self.max_concurrency, max_tokens_per_request=self.max_tokens_per_request,
+            )  # fmt: skip
+            new.deployments.set(self.deployments.all())
+            self.replaced_by = new
+            self.grace_until = timezone.now() + grace
+            self.revoked_at = self.grace_until
+            self.save(update_fields=["replaced_by", "grace_until", "revoked_at"])
+        return new, raw
+
+    def limits(self) -> Limits:
+        """The department's limits, narrowed by the key's own."""
+        own = Limits(self.rpm, self.tpm, None, None, self.max_concurrency)
+        return self.department.limits().narrowed(own)
+
+    def max_tokens_cap(self) -> int | None:
+        caps = [c for c in (self.department.max_tokens_per_request, self.max_tokens_per_request) if c]
+        return min(caps) if caps else None
+
+    def allowed_deployment_ids(self) -> set[int]:
+        """The department's models, narrowed to the key's list when it has one."""
+        allowed = set(self.department.deployments.values_list("pk", flat=True))
+        own = set(self.deployments.values_list("pk", flat=True))
+        return allowed & own if own else allowed
