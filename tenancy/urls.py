@@ -5,4 +5,10 @@ from tenancy import views
 app_name = "tenancy"
 urlpatterns = [
     path("", views.index, name="list"),
+    path("new", views.create, name="create"),
+    path("<int:department_id>/", views.detail, name="detail"),
+    path("<int:department_id>/quotas", views.update, name="update"),
+    path("<int:department_id>/members", views.add_member, name="add-member"),
+    path("<int:department_id>/keys/new", views.issue_key, name="issue-key"),
+    path("<int:department_id>/keys/<int:key_id>/<slug:action>", views.key_action, name="key-action"),
 ]
