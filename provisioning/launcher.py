@@ -188,31 +188,33 @@ def our_processes() -> dict[int, str]:
     return found
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Wait up to ``seconds`` for the process group to disappear (reaping our own children)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        _reap(pid)
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def stop(pid: int, grace: float = 15.0) -> None:
     """SIGTERM to the process group, SIGKILL after ``grace`` seconds."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        _reap(pid)
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
+    if _gone_within(pid, grace):
+        return
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    for _ in range(50):
-        _reap(pid)
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
+    _gone_within(pid, 5.0)
 
 
 def probe_ready(port: int, api_key: str, served_name: str, timeout: float = 1.0) -> bool:
