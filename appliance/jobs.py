@@ -32,6 +32,7 @@ from django.utils.translation import gettext_lazy as _
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_CHARS = 8000
+CANCELLED = "Cancelled by an admin; start it again to resume where it stopped."
 
 
 class JobStatus(models.TextChoices):
@@ -158,6 +159,7 @@ class Job(models.Model):
             finished_at=timezone.now(),
             cancel_requested=True,
         ):
+            self.on_failed(CANCELLED)
             return True
         return self._update(only_if={"status": JobStatus.RUNNING}, cancel_requested=True)
 
@@ -178,7 +180,7 @@ def run_job(model: type[JobT], job_id: int, body: Callable[[JobT], None], worker
         body(job)
     except JobCancelled:
         job._finish(JobStatus.CANCELLED)
-        job.on_failed("Cancelled by an admin; start it again to resume where it stopped.")
+        job.on_failed(CANCELLED)
     except Exception as exc:  # written on the row, never swallowed
         logger.exception("job %s %s failed", model.__name__, job_id)
         job.log(traceback.format_exc())

@@ -200,7 +200,5 @@ def cancel_job(request: HttpRequest, job_id: int) -> Any:
     job = get_object_or_404(ModelJob, pk=job_id)
     if not job.cancel():
         raise HttpError(409, "The job has already finished.")
-    if job.status == "cancelled":
-        job.on_failed("Cancelled by an admin; start it again to resume where it stopped.")
     audit.record(request, "model.job_cancel", job.model, detail={"via": "api", "job": job.pk})
     return job

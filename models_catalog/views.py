@@ -205,8 +205,6 @@ def act(request: HttpRequest, model_id: int, action: str) -> HttpResponse:
 def cancel_job(request: HttpRequest, job_id: int) -> HttpResponse:
     job = get_object_or_404(ModelJob, pk=job_id)
     if job.cancel():
-        if job.status == "cancelled":
-            job.on_failed(_("Cancelled by an admin; start it again to resume where it stopped."))
         audit.record(request, "model.job_cancel", job.model, detail={"job": job.pk, "kind": job.kind})
     if job.model_id:
         return redirect("models_catalog:detail", model_id=job.model_id)

@@ -15,7 +15,7 @@ from ninja.responses import Status
 from appliance import audit
 from appliance.api import admin_required
 from provisioning.forms import DeployForm
-from provisioning.models import Deployment, EngineRuntime, Replica
+from provisioning.models import Deployment, EngineRuntime
 from provisioning.placement import PlacementRefused, place
 
 router = Router(tags=["deployments"])
@@ -125,10 +125,7 @@ def stop(request: HttpRequest, name: str) -> Any:
 def start(request: HttpRequest, name: str) -> Any:
     admin_required(request, "deployment.start")
     deployment = get_object_or_404(Deployment, name=name)
-    deployment.replica_set.filter(state=Replica.State.FAILED).update(
-        state=Replica.State.PENDING, consecutive_crashes=0, last_error="", next_start_at=None
-    )
-    Deployment.objects.filter(pk=deployment.pk).update(desired=Deployment.Desired.RUNNING)
+    deployment.run(retry_failed=True)
     audit.record(request, "deployment.start", deployment, detail={"via": "api"})
     deployment.refresh_from_db()
     return _out(deployment)

@@ -112,6 +112,14 @@ class Deployment(models.Model):
             extra_args=data["extra_args"], created_by=user,
         )  # fmt: skip
 
+    def run(self, retry_failed: bool = False) -> None:
+        """Want it running; with ``retry_failed`` its failed replicas get another chance."""
+        if retry_failed:
+            self.replica_set.filter(state=Replica.State.FAILED).update(
+                state=Replica.State.PENDING, consecutive_crashes=0, last_error="", next_start_at=None
+            )
+        Deployment.objects.filter(pk=self.pk).update(desired=Deployment.Desired.RUNNING)
+
     def state(self) -> str:
         """One word for the list: the best state among its replicas."""
         states = set(self.replica_set.values_list("state", flat=True))

@@ -132,14 +132,8 @@ def act(request: HttpRequest, name: str, action: str) -> HttpResponse:
     deployment = get_object_or_404(Deployment, name=name)
     if action == "stop":
         Deployment.objects.filter(pk=deployment.pk).update(desired=Deployment.Desired.STOPPED)
-    elif action == "start":
-        Deployment.objects.filter(pk=deployment.pk).update(desired=Deployment.Desired.RUNNING)
-    elif action == "restart":
-        # Failed replicas get another chance; running ones are left alone.
-        deployment.replica_set.filter(state=Replica.State.FAILED).update(
-            state=Replica.State.PENDING, consecutive_crashes=0, last_error="", next_start_at=None
-        )
-        Deployment.objects.filter(pk=deployment.pk).update(desired=Deployment.Desired.RUNNING)
+    elif action in ("start", "restart"):
+        deployment.run(retry_failed=action == "restart")
     elif action == "scale":
         form = ScaleForm(request.POST)
         if not form.is_valid():

@@ -10,7 +10,6 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
@@ -66,7 +65,6 @@ def _detail_context(request: HttpRequest, department: Department, **forms: Any) 
         "members": department.memberships.select_related("user"),
         "keys": ApiKey.objects.visible_to(request.user).filter(department=department),
         "can_manage_keys": can_manage_keys(request.user, department),
-        "now": timezone.now(),
         "nav": "departments",
     }
 
