@@ -215,11 +215,16 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_QUEUES = (Queue("default"), Queue(NODE_QUEUE))
+# How often usage records move from the Redis stream to the database (seconds).
+USAGE_DRAIN_SECONDS = env_int("USAGE_DRAIN_SECONDS", 2, minimum=1, maximum=3600)
 CELERY_BEAT_SCHEDULE = {
     "recover-stale-jobs": {"task": "appliance.tasks.recover_stale_jobs", "schedule": 60.0},
     "reconcile": {"task": "provisioning.reconcile_all", "schedule": float(RECONCILE_SECONDS)},
     "collect-gpus": {"task": "gpus.collect_all", "schedule": float(GPU_SAMPLE_SECONDS)},
     "rollup-gpu-samples": {"task": "gpus.rollup", "schedule": 60.0},
+    "drain-usage": {"task": "tenancy.drain_usage", "schedule": float(USAGE_DRAIN_SECONDS)},
+    "rebuild-budgets": {"task": "tenancy.rebuild_budgets", "schedule": 5.0},
+    "account-gpu-hours": {"task": "tenancy.account_gpu_hours", "schedule": 60.0},
     "check-model-updates": {
         "task": "models_catalog.check_updates",
         "schedule": float(MODEL_UPDATE_CHECK_SECONDS),

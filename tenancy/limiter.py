@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import redis
+import redis.asyncio
+import redis.asyncio.client
 
 ADMIT = """
 local t = redis.call('TIME')
@@ -154,47 +156,91 @@ def _keys(department_id: int, now: datetime) -> list[str]:
             f"lim:{tag}:leases"]  # fmt: skip
 
 
+def _admit_args(limits: Limits, reserve_tokens: int, lease_seconds: float) -> tuple[str, list]:
+    lease = secrets.token_hex(8) if limits.concurrency else ""
+    args = [limits.rpm or 0, limits.tpm or 0, limits.tokens_per_day or 0, limits.tokens_per_month or 0,
+            limits.concurrency or 0, max(0, int(reserve_tokens)), lease, int(lease_seconds * 1000),
+            2 * 86400, 33 * 86400]  # fmt: skip
+    return lease, args
+
+
+def _decision(result: list, lease: str, reserve_tokens: int) -> Decision:
+    allowed, limit, retry_ms, *remaining = result
+    names = ("requests", "tokens", "tokens_per_day", "tokens_per_month")
+    decision = Decision(
+        bool(allowed),
+        limit.decode() if isinstance(limit, bytes) else str(limit),
+        retry_after=None if int(retry_ms) < 0 else math.ceil(int(retry_ms)) / 1000,
+        remaining={name: int(value) for name, value in zip(names, remaining, strict=True) if int(value) >= 0},
+    )
+    if decision.allowed:
+        decision.lease, decision.reserved = lease, max(0, int(reserve_tokens))
+    return decision
+
+
+def _settle_call(department_id: int, limits: Limits, decision: Decision, used_tokens: int) -> tuple[list, list]:
+    keys = _keys(department_id, datetime.now(UTC))
+    delta = max(0, int(used_tokens)) - decision.reserved
+    return [keys[1], keys[2], keys[3], keys[4]], [limits.tpm or 0, delta, decision.lease]
+
+
 class Limiter:
+    """The limiter over a synchronous redis-py client (console, tasks, tests)."""
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.admit_script = client.register_script(ADMIT)  # EVALSHA, loading the script when Redis lost it
         self.settle_script = client.register_script(SETTLE)
 
     def admit(self, department_id: int, limits: Limits, reserve_tokens: int, lease_seconds: float = 600) -> Decision:
-        now = datetime.now(UTC)
-        lease = secrets.token_hex(8) if limits.concurrency else ""
-        args = [limits.rpm or 0, limits.tpm or 0, limits.tokens_per_day or 0, limits.tokens_per_month or 0,
-                limits.concurrency or 0, max(0, int(reserve_tokens)), lease, int(lease_seconds * 1000),
-                2 * 86400, 33 * 86400]  # fmt: skip
+        lease, args = _admit_args(limits, reserve_tokens, lease_seconds)
         try:
-            result = self.admit_script(keys=_keys(department_id, now), args=args)
+            result = self.admit_script(keys=_keys(department_id, datetime.now(UTC)), args=args)
         except redis.RedisError:
             return Decision(False, "redis_unavailable", retry_after=1.0)
-        allowed, limit, retry_ms, *remaining = result
-        names = ("requests", "tokens", "tokens_per_day", "tokens_per_month")
-        decision = Decision(
-            bool(allowed),
-            limit.decode() if isinstance(limit, bytes) else str(limit),
-            retry_after=None if int(retry_ms) < 0 else math.ceil(int(retry_ms)) / 1000,
-            remaining={name: int(value) for name, value in zip(names, remaining, strict=True) if int(value) >= 0},
-        )
-        if decision.allowed:
-            decision.lease, decision.reserved = lease, max(0, int(reserve_tokens))
-        return decision
+        return _decision(result, lease, reserve_tokens)
 
     def settle(self, department_id: int, limits: Limits, decision: Decision, used_tokens: int) -> None:
         """Correct the reservation to the real usage (both ways) and release the lease."""
-        keys = _keys(department_id, datetime.now(UTC))
-        delta = max(0, int(used_tokens)) - decision.reserved
-        self.settle_script(keys=[keys[1], keys[2], keys[3], keys[4]], args=[limits.tpm or 0, delta, decision.lease])
+        keys, args = _settle_call(department_id, limits, decision, used_tokens)
+        self.settle_script(keys=keys, args=args)
 
     def release(self, department_id: int, limits: Limits, decision: Decision) -> None:
         """The request failed before any token was produced: give everything back."""
         self.settle(department_id, limits, decision, 0)
 
     def rebuild_budgets(self, department_id: int, day_used: int, month_used: int) -> None:
-        """After Redis lost its data: restore the day/month counters from usage records (only where
-        missing, so a counter that came back meanwhile is not overwritten)."""
+        """After Redis lost its data: add the usage records' totals to the day/month counters (which
+        hold only what was admitted since the loss, if anything)."""
         keys = _keys(department_id, datetime.now(UTC))
-        self.client.set(keys[2], int(day_used), ex=2 * 86400, nx=True)
-        self.client.set(keys[3], int(month_used), ex=33 * 86400, nx=True)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.incrby(keys[2], int(day_used)).expire(keys[2], 2 * 86400, nx=True)
+        pipe.incrby(keys[3], int(month_used)).expire(keys[3], 33 * 86400, nx=True)
+        pipe.execute()
+
+
+class AsyncLimiter:
+    """The same scripts over redis-py's asyncio client (the gateway): one round trip per admission;
+    ``settle`` can ride in a pipeline with the usage record (``settle_in``)."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.admit_script = client.register_script(ADMIT)
+        self.settle_script = client.register_script(SETTLE)
+
+    async def admit(
+        self, department_id: int, limits: Limits, reserve_tokens: int, lease_seconds: float = 600
+    ) -> Decision:
+        lease, args = _admit_args(limits, reserve_tokens, lease_seconds)
+        try:
+            result = await self.admit_script(keys=_keys(department_id, datetime.now(UTC)), args=args)
+        except (redis.RedisError, OSError):
+            return Decision(False, "redis_unavailable", retry_after=1.0)
+        return _decision(result, lease, reserve_tokens)
+
+    def settle_in(
+        self, pipe: redis.asyncio.client.Pipeline, department_id: int, limits: Limits, decision: Decision, used: int
+    ) -> None:
+        """Queue the settlement on ``pipe`` (executed by the caller, with whatever else it carries)."""
+        keys, args = _settle_call(department_id, limits, decision, used)
+        self.settle_script(keys=keys, args=args, client=pipe)

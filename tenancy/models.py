@@ -175,3 +175,99 @@ class ApiKey(models.Model):
         allowed = set(self.department.deployments.values_list("pk", flat=True))
         own = set(self.deployments.values_list("pk", flat=True))
         return allowed & own if own else allowed
+
+
+class UsageRecord(models.Model):
+    """One request the gateway handled. Written off the hot path: the gateway appends to a Redis
+    stream, ``tenancy.usage.drain`` copies it here in batches (``stream_id`` makes that idempotent)."""
+
+    stream_id = models.CharField(max_length=40, unique=True)
+    created_at = models.DateTimeField()
+    department = models.ForeignKey(Department, null=True, on_delete=models.SET_NULL, related_name="usage_records")
+    api_key = models.ForeignKey(ApiKey, null=True, on_delete=models.SET_NULL, related_name="usage_records")
+    deployment = models.ForeignKey("provisioning.Deployment", null=True, on_delete=models.SET_NULL, related_name="+")
+    model = models.CharField(max_length=200)
+    endpoint = models.CharField(max_length=40)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.FloatField(default=0)
+    ttft_ms = models.FloatField(null=True, blank=True)
+    status = models.PositiveSmallIntegerField()
+    error = models.CharField(max_length=60, blank=True)
+    client = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["department", "created_at"]), models.Index(fields=["created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.model} {self.status}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class UsageRollup(models.Model):
+    """Usage summed per hour and per day, per department, key and model (what reports read)."""
+
+    class Period(models.TextChoices):
+        HOUR = "hour", _("Hour")
+        DAY = "day", _("Day")
+
+    period = models.CharField(max_length=4, choices=Period.choices)
+    start = models.DateTimeField()
+    department = models.ForeignKey(Department, on_delete=models.CASCADE, related_name="rollups")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="rollups")
+    model = models.CharField(max_length=200)
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    latency_ms_sum = models.FloatField(default=0)
+    ttft_ms_sum = models.FloatField(default=0)
+    ttft_count = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["period", "start", "department", "api_key", "model"], name="one_rollup_row")
+        ]
+        indexes = [models.Index(fields=["period", "department", "start"]), models.Index(fields=["period", "start"])]
+
+    def __str__(self) -> str:
+        return f"{self.period} {self.start:%Y-%m-%d %H:00} {self.model}"
+
+
+class DeploymentHours(models.Model):
+    """GPU time a deployment held, per hour (for chargeback), accumulated by a beat task."""
+
+    deployment = models.ForeignKey("provisioning.Deployment", on_delete=models.CASCADE, related_name="hours")
+    start = models.DateTimeField()
+    replica_seconds = models.FloatField(default=0)
+    gpu_seconds = models.FloatField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["deployment", "start"], name="one_hours_row")]
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} {self.start:%Y-%m-%d %H:00}"
+
+
+class ModelPrice(models.Model):
+    """What a served model costs a department: per million prompt / completion tokens, and per GPU-hour
+    its deployment holds (shared among departments by their token share)."""
+
+    model = models.CharField(_("served model name"), max_length=200, unique=True)
+    prompt_per_million = models.DecimalField(
+        _("price per 1M prompt tokens"), max_digits=12, decimal_places=4, default=0
+    )
+    completion_per_million = models.DecimalField(
+        _("price per 1M completion tokens"), max_digits=12, decimal_places=4, default=0
+    )
+    gpu_hour = models.DecimalField(_("price per GPU-hour"), max_digits=12, decimal_places=4, default=0)
+
+    class Meta:
+        ordering = ["model"]
+
+    def __str__(self) -> str:
+        return self.model

