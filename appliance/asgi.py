@@ -1,4 +1,5 @@
-"""ASGI entry point of the console (uvicorn appliance.asgi:application)."""
+"""ASGI entry point of the console (uvicorn appliance.asgi:application): /v1 goes to the lean
+gateway application (gateway/app.py), everything else to Django."""
 
 import os
 
@@ -16,4 +17,24 @@ class ConsoleASGIHandler(ASGIHandler):
 
 
 django.setup(set_prefix=False)
-application = ConsoleASGIHandler()
+
+from gateway.app import GatewayApp  # noqa: E402 - needs the apps loaded
+
+django_application = ConsoleASGIHandler()
+gateway = GatewayApp()
+
+
+async def application(scope: dict, receive, send) -> None:
+    if scope["type"] == "http" and (scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+        await gateway(scope, receive, send)
+    elif scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await gateway.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    else:
+        await django_application(scope, receive, send)

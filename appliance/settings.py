@@ -185,6 +185,21 @@ GPU_RETENTION_MINUTE_DAYS = env_int("GPU_RETENTION_MINUTE_DAYS", 7, minimum=1)
 GPU_RETENTION_HOUR_DAYS = env_int("GPU_RETENTION_HOUR_DAYS", 90, minimum=1)
 WEBHOOK_ATTEMPTS = env_int("WEBHOOK_ATTEMPTS", 5, minimum=1, maximum=20)
 WEBHOOK_RETRY_BASE_SECONDS = env_int("WEBHOOK_RETRY_BASE_SECONDS", 10, minimum=0)
+# The /v1 gateway (gateway/app.py).
+GATEWAY_CACHE_SECONDS = env_int("GATEWAY_CACHE_MS", 500, minimum=0, maximum=60_000) / 1000  # key/route cache
+GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024, maximum=1024**3)
+GATEWAY_MAX_HEADER_BYTES = env_int("GATEWAY_MAX_HEADER_BYTES", 16 * 1024, minimum=1024, maximum=1024**2)
+GATEWAY_MAX_N = env_int("GATEWAY_MAX_N", 8, minimum=1, maximum=128)
+# Reserved against TPM and budgets when a request names no max_tokens (settled to the real count).
+GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 1024, minimum=1, maximum=10**7)
+# Requests in flight per replica before new ones queue by priority, and how long they may wait.
+GATEWAY_REPLICA_CAPACITY = env_int("GATEWAY_REPLICA_CAPACITY", 64, minimum=1, maximum=100_000)
+GATEWAY_QUEUE_SECONDS = env_int("GATEWAY_QUEUE_SECONDS", 30, minimum=0, maximum=3600)
+GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_int("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 600, minimum=1, maximum=86400)
+GATEWAY_LEASE_SECONDS = env_int("GATEWAY_LEASE_SECONDS", 900, minimum=10, maximum=86400)
+# Prompts sharing at least this many leading characters prefer one replica (vLLM prefix cache).
+GATEWAY_AFFINITY_MIN_CHARS = env_int("GATEWAY_AFFINITY_MIN_CHARS", 256, minimum=1, maximum=1_000_000)
+
 # /metrics needs "Authorization: Bearer <METRICS_TOKEN>"; without a token it is refused.
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 

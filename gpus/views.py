@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from appliance import audit
 from appliance.roles import Role, require_role
+from gateway import metrics as gateway_metrics
 from gpus.alerts import acknowledge
 from gpus.charts import METRICS, RANGES, series
 from gpus.forms import WebhookForm
@@ -119,4 +120,5 @@ def metrics(request: HttpRequest) -> HttpResponse:
         return HttpResponse("A valid metrics token is required.\n", status=401, content_type="text/plain")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GpuCollector())
-    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)
+    body = generate_latest(registry) + generate_latest(gateway_metrics.REGISTRY)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

@@ -241,6 +241,11 @@ class AsyncLimiter:
     def settle_in(
         self, pipe: redis.asyncio.client.Pipeline, department_id: int, limits: Limits, decision: Decision, used: int
     ) -> None:
-        """Queue the settlement on ``pipe`` (executed by the caller, with whatever else it carries)."""
+        """Queue the settlement on ``pipe`` (executed by the caller, with whatever else it carries). When
+        Redis lost the script meanwhile the pipeline raises NoScriptError: call ``settle`` then."""
         keys, args = _settle_call(department_id, limits, decision, used)
-        self.settle_script(keys=keys, args=args, client=pipe)
+        pipe.evalsha(self.settle_script.sha, len(keys), *keys, *args)
+
+    async def settle(self, department_id: int, limits: Limits, decision: Decision, used: int) -> None:
+        keys, args = _settle_call(department_id, limits, decision, used)
+        await self.settle_script(keys=keys, args=args)

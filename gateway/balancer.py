@@ -1,0 +1,101 @@
+"""Choosing a replica and waiting for room on a saturated deployment.
+
+- ``Gate``: at most ``capacity`` requests of a deployment in flight from this process; the rest
+  wait in a queue ordered by priority class (high first, then arrival), each for at most the
+  queue timeout, after which the caller answers 429.
+- ``pick``: least outstanding requests, with prefix affinity: requests that share the start of
+  their prompt prefer the same replica (rendezvous hashing) so vLLM's prefix cache is reused,
+  unless that replica is busier than the least busy one by more than ``slack``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import itertools
+import time
+from collections import defaultdict
+
+from gateway.directory import ReplicaRoute
+
+
+class QueueTimeout(Exception):
+    pass
+
+
+class Gate:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.in_flight = 0
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []
+        self._order = itertools.count()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for *_, f in self._waiters if not f.done())
+
+    async def acquire(self, rank: int, timeout: float) -> None:
+        if self.in_flight < self.capacity and not self.waiting:
+            self.in_flight += 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (rank, next(self._order), future))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                return  # granted just as the wait ran out: keep the slot
+            future.cancel()
+            raise QueueTimeout from None
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # granted, but the caller went away: pass the slot on
+            else:
+                future.cancel()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _rank, _order, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)  # the slot moves to the waiter: in_flight unchanged
+                return
+        self.in_flight -= 1
+
+
+class Balancer:
+    """Per-process view of the replicas: outstanding requests, and ones whose connection just failed."""
+
+    def __init__(self, capacity_per_replica: int, slack: int = 4) -> None:
+        self.capacity_per_replica = capacity_per_replica
+        self.slack = slack
+        self.outstanding: dict[int, int] = defaultdict(int)
+        self.down_until: dict[int, float] = {}
+        self.gates: dict[int, Gate] = {}
+
+    def gate(self, deployment_id: int, replicas: int) -> Gate:
+        gate = self.gates.get(deployment_id)
+        if gate is None:
+            gate = self.gates[deployment_id] = Gate(replicas * self.capacity_per_replica)
+        gate.capacity = max(1, replicas * self.capacity_per_replica)
+        return gate
+
+    def pick(self, replicas: tuple[ReplicaRoute, ...], prefix: str, exclude: set[int]) -> ReplicaRoute | None:
+        now = time.monotonic()
+        usable = [r for r in replicas if r.pk not in exclude and self.down_until.get(r.pk, 0) <= now]
+        if not usable:
+            usable = [r for r in replicas if r.pk not in exclude]  # all marked down: try anyway
+        if not usable:
+            return None
+        least = min(usable, key=lambda r: self.outstanding[r.pk])
+        if len(usable) == 1 or not prefix:
+            return least
+        digest = prefix.encode()
+        preferred = max(usable, key=lambda r: hashlib.blake2b(digest + r.pk.to_bytes(8, "big"), digest_size=8).digest())
+        if self.outstanding[preferred.pk] <= self.outstanding[least.pk] + self.slack:
+            return preferred
+        return least
+
+    def mark_down(self, replica_id: int, seconds: float = 5.0) -> None:
+        self.down_until[replica_id] = time.monotonic() + seconds

@@ -1,0 +1,166 @@
+"""What the gateway needs from the database, cached in the process so that no request waits on a
+synchronous ORM call: keys (key id → department, limits, allowed models) and routes (served model
+name → ready replicas). Entries live ``GATEWAY_CACHE_SECONDS`` (0.5 s by default), so a revoked key,
+a changed quota or a replica that became ready takes effect within a second; one load per entry at
+a time, in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+
+from tenancy import keys as key_format
+from tenancy.limiter import Limits
+
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    pk: int
+    key_hash: str
+    name: str
+    department_id: int
+    department: str
+    priority: str
+    limits: Limits
+    max_tokens_cap: int | None
+    models: frozenset[str]  # served model names the key may use
+    not_after: float | None  # expiry or end of the rotation grace / revocation, as a timestamp
+
+    def usable(self, now: float) -> bool:
+        return self.not_after is None or now < self.not_after
+
+
+@dataclass(frozen=True)
+class ReplicaRoute:
+    pk: int
+    base_url: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Route:
+    deployment_id: int
+    name: str
+    priority_scheduling: bool
+    replicas: tuple[ReplicaRoute, ...]
+    created: int
+
+
+@dataclass
+class _Entry:
+    value: Any
+    loaded: float
+    loading: asyncio.Future | None = field(default=None)
+
+
+def _timestamp(*moments: datetime | None) -> float | None:
+    present = [m.timestamp() for m in moments if m is not None]
+    return min(present) if present else None
+
+
+def _load_key(key_id: str) -> KeyInfo | None:
+    from tenancy.models import ApiKey
+
+    close_old_connections()
+    key = ApiKey.objects.select_related("department").filter(key_id=key_id).first()
+    if key is None:
+        return None
+    allowed = key.allowed_deployment_ids()
+    from provisioning.models import Deployment
+
+    names = frozenset(Deployment.objects.filter(pk__in=allowed).values_list("name", flat=True))
+    department = key.department
+    return KeyInfo(
+        pk=key.pk, key_hash=key.key_hash, name=key.name, department_id=department.pk, department=department.name,
+        priority=department.priority, limits=key.limits(), max_tokens_cap=key.max_tokens_cap(), models=names,
+        not_after=_timestamp(key.expires_at, key.revoked_at),
+    )  # fmt: skip
+
+
+def _load_routes() -> dict[str, Route]:
+    from provisioning.models import Deployment, Replica
+
+    close_old_connections()
+    routes: dict[str, list] = {}
+    deployments = {d.pk: d for d in Deployment.objects.all()}
+    ready = Replica.objects.filter(state=Replica.State.READY, port__isnull=False).order_by("deployment_id", "ordinal")
+    for replica in ready:
+        routes.setdefault(replica.deployment_id, []).append(ReplicaRoute(replica.pk, replica.base_url, replica.key()))
+    table = {}
+    for pk, deployment in deployments.items():
+        args = [str(a) for a in deployment.extra_args or []]
+        priority = any(
+            a == "--scheduling-policy=priority" or (a == "--scheduling-policy" and args[i + 1 : i + 2] == ["priority"])
+            for i, a in enumerate(args)
+        )
+        running = deployment.desired == deployment.Desired.RUNNING
+        table[deployment.name] = Route(
+            pk, deployment.name, priority, tuple(routes.get(pk, ()) if running else ()),
+            int(deployment.created_at.timestamp()),
+        )  # fmt: skip
+    return table
+
+
+class Directory:
+    """The per-process caches (one per event loop: the gateway app owns one)."""
+
+    def __init__(self, ttl: float | None = None) -> None:
+        self.ttl = settings.GATEWAY_CACHE_SECONDS if ttl is None else ttl
+        self._keys: dict[str, _Entry] = {}
+        self._routes: _Entry | None = None
+
+    async def _cached(self, entry: _Entry | None, load: Any, *args: Any) -> tuple[_Entry, Any]:
+        now = time.monotonic()
+        if entry is not None and now - entry.loaded < self.ttl:
+            return entry, entry.value
+        if entry is not None and entry.loading is not None:
+            return entry, await asyncio.shield(entry.loading)
+        if entry is None:
+            entry = _Entry(None, 0.0)
+        entry.loading = asyncio.get_running_loop().create_future()
+        try:
+            value = await sync_to_async(load, thread_sensitive=False)(*args)
+        except BaseException as exc:
+            entry.loading.set_exception(exc)
+            entry.loading.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            entry.loading = None
+            raise
+        entry.value, entry.loaded = value, time.monotonic()
+        entry.loading.set_result(value)
+        entry.loading = None
+        return entry, value
+
+    async def key(self, raw: str) -> KeyInfo | None:
+        """The key's details when ``raw`` is a well-formed, known key whose secret matches; else None."""
+        try:
+            parsed = key_format.parse(raw)
+        except key_format.MalformedKey:
+            return None
+        entry, info = await self._cached(self._keys.get(parsed.key_id), _load_key, parsed.key_id)
+        if len(self._keys) > 100_000:  # unknown ids sprayed at us: forget, don't grow without bound
+            self._keys.clear()
+        self._keys[parsed.key_id] = entry
+        if info is None or not key_format.matches(raw, info.key_hash):
+            return None
+        return info
+
+    async def routes(self) -> dict[str, Route]:
+        self._routes, table = await self._cached(self._routes, _load_routes)
+        return table
+
+    def forget(self) -> None:
+        self._keys.clear()
+        self._routes = None
+
+
+def priority_rank(priority: str) -> int:
+    return PRIORITY_RANK.get(priority, 1)
