@@ -1,7 +1,10 @@
 """The real vLLM CPU engine under the console: deploy with one click in the web view, wait for
-ready, chat straight to the replica with its key, kill the engine and see the loop bring it back,
-restart the Celery worker and see the replica adopted (not duplicated), scale to 2 and back, stop
-and see the port free and no process left. Slow (engine start-ups of about a minute each)."""
+ready, chat straight to the replica with its key and through the gateway with a department's key
+(the openai client: chat, streaming, completions, models, a client leaving mid-stream, a revoked
+key), kill the engine and see the loop bring it back, restart the Celery worker and see the replica
+adopted (not duplicated), scale to 2, kill one replica under gateway load and see every request
+answered, scale back, stop and see the port free and no process left. Slow (engine start-ups of
+about a minute each)."""
 
 from __future__ import annotations
 
@@ -12,18 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from django.conf import settings
 from django.test import Client
 from django.urls import reverse
 
 from appliance.jobs import run_job
+from gateway.app import GatewayApp
 from models_catalog.models import LocalModel, ModelJob
 from models_catalog.tasks import model_job_body
 from provisioning import launcher
 from provisioning.models import Deployment, Replica
 from provisioning.runtimes import detect
 from provisioning.tasks import reconcile_node
+from tenancy import usage
+from tenancy.models import ApiKey, Department, UsageRecord
+from tests.gateway.helpers import ServerThread
 from tests.workers import WorkerProcess, wait_for
 
 ENGINE_START = 300  # seconds allowed for one engine start-up on a busy 2-core box
@@ -62,6 +70,64 @@ def engines() -> dict[int, str]:
     return {pid: m for pid, m in launcher.our_processes().items() if m.startswith(f"{settings.NODE_NAME}:")}
 
 
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def through_gateway(url: str, redis_db: Any) -> openai.OpenAI:
+    """The main paths of the gateway against the real engine; returns a client for later load."""
+    department = Department.objects.create(name="Legal", max_tokens_per_request=64)
+    department.deployments.set(Deployment.objects.all())
+    key, raw = ApiKey.issue(department, "bot")
+    client = openai.OpenAI(base_url=url + "/v1", api_key=raw, max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    answer = client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5)
+    assert answer.usage.completion_tokens > 0 and answer.choices[0].message.content is not None
+    chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=8, stream=True,
+                                                 stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].usage.completion_tokens == 8 and all(c.usage is None for c in chunks[:-1])
+    assert client.completions.create(model="tiny", prompt="once", max_tokens=4).usage.completion_tokens == 4
+    # A client that leaves mid-stream: the engine's request is cancelled, what was delivered is billed.
+    body = {"model": "tiny", "messages": HELLO, "max_tokens": 64, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {raw}"},
+                      timeout=60) as response:  # fmt: skip
+        assert response.status_code == 200
+        for line, _ in zip(response.iter_lines(), range(6), strict=False):
+            assert not line.startswith("data: [DONE]")
+    usage.drain(redis_db)
+    assert wait_for(lambda: usage.drain(redis_db) >= 0 and UsageRecord.objects.filter(status=499).exists(), 10)
+    left = UsageRecord.objects.get(status=499)
+    assert 0 < left.completion_tokens < 64 and left.prompt_tokens > 0
+    assert UsageRecord.objects.filter(status=200, department=department).exclude(endpoint="models").count() == 3
+    key.revoke()
+    threading.Event().wait(1.0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    _, raw = ApiKey.issue(department, "load")
+    return openai.OpenAI(base_url=url + "/v1", api_key=raw, max_retries=0, timeout=120)
+
+
+def load_while_killing(client: openai.OpenAI, victim_pid: int) -> list[str]:
+    """Chats from 4 threads; one replica is killed after a few answers. Returns the outcomes."""
+    outcomes: list[str] = []
+
+    def run() -> None:
+        for _ in range(8):
+            try:
+                client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=4)
+                outcomes.append("ok")
+            except openai.APIError as exc:
+                outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: len(outcomes) >= 4, timeout=60)
+    os.killpg(victim_pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
 @pytest.mark.engine
 @pytest.mark.django_db(transaction=True)
 def test_real_engine_lifecycle(
@@ -78,10 +144,12 @@ def test_real_engine_lifecycle(
     env = {"DATA_DIR": str(settings.DATA_DIR), "DISK_RESERVE_BYTES": "0", "REPLICA_BACKOFF_SECONDS": "1",
            "REPLICA_STOP_GRACE_SECONDS": "10", "ENGINES_DIR": str(settings.ENGINES_DIR)}  # fmt: skip
     worker = WorkerProcess("worker@testnode", **env).start()
+    app = GatewayApp()
+    gateway = ServerThread(app, app.close).start()
     try:
         with Beat():
             form = {"model": model.pk, "name": "tiny", "runtime": runtime.pk, "replicas": 1, "tensor_parallel": 1,
-                    "gpu_memory_fraction": 0.05, "max_model_len": 512, "extra_args": "--max-num-seqs 8"}  # fmt: skip
+                    "gpu_memory_fraction": 0.15, "max_model_len": 512, "extra_args": "--max-num-seqs 8"}  # fmt: skip
             assert admin_client.post(reverse("provisioning:deploy"), form).status_code == 302
             assert wait_for(lambda: state() == "ready", timeout=ENGINE_START), (
                 replica().last_error,
@@ -98,6 +166,7 @@ def test_real_engine_lifecycle(
             assert answer.json()["usage"]["completion_tokens"] > 0
             no_key = httpx.get(f"{first.base_url}/v1/models", timeout=10)
             assert no_key.status_code == 401  # nothing bypasses the gateway without the replica's key
+            load_client = through_gateway(gateway.url, redis_db)
 
             os.killpg(first.pid, signal.SIGKILL)  # the engine dies
             assert wait_for(lambda: replica().restart_count == 1 and replica().state == "ready", timeout=ENGINE_START)
@@ -115,6 +184,9 @@ def test_real_engine_lifecycle(
             admin_client.post(reverse("provisioning:act", args=["tiny", "scale"]), {"replicas": 2})
             assert wait_for(lambda: state(1) == "ready", timeout=ENGINE_START), replica(1).last_error
             assert len(engines()) == 2
+            threading.Event().wait(1.0)  # the gateway sees the new replica
+            outcomes = load_while_killing(load_client, replica(1).pid)
+            assert outcomes == ["ok"] * 32, outcomes  # requests on the dead replica went to the other one
             admin_client.post(reverse("provisioning:act", args=["tiny", "scale"]), {"replicas": 1})
             assert wait_for(lambda: replica(1).state == "stopped", timeout=60)
 
@@ -123,6 +195,7 @@ def test_real_engine_lifecycle(
             assert wait_for(lambda: replica().state == "stopped", timeout=60)
             assert engines() == {} and not launcher.port_in_use(port)
     finally:
+        gateway.stop()
         worker.stop()
         for pid in engines():
             launcher.stop(pid, grace=5)
