@@ -148,9 +148,11 @@ api.add_router("/", system)
 def _add_app_routers() -> None:
     from models_catalog.api import router as models_router
     from provisioning.api import router as deployments_router
+    from tenancy.api import router as departments_router
 
     api.add_router("/", models_router)
     api.add_router("/", deployments_router)
+    api.add_router("/", departments_router)
 
 
 _add_app_routers()

@@ -85,9 +85,11 @@ end
 
 -- every check passed: take what was asked for
 if new_rpm_tat then
-  redis.call('SET', KEYS[1], tostring(new_rpm_tat), 'PX', math.ceil(new_rpm_tat - now + rpm_period))
+  redis.call('SET', KEYS[1], string.format('%.3f', new_rpm_tat), 'PX', math.ceil(new_rpm_tat - now + rpm_period))
 end
-if new_tpm_tat then redis.call('SET', KEYS[2], tostring(new_tpm_tat), 'PX', math.ceil(new_tpm_tat - now + 1000)) end
+if new_tpm_tat then
+  redis.call('SET', KEYS[2], string.format('%.3f', new_tpm_tat), 'PX', math.ceil(new_tpm_tat - now + 1000))
+end
 if day_budget > 0 or month_budget > 0 or reserve > 0 then
   redis.call('INCRBY', KEYS[3], reserve)
   redis.call('EXPIRE', KEYS[3], day_ttl, 'NX')
@@ -106,7 +108,7 @@ if tpm > 0 and delta ~= 0 then
   local tat = tonumber(redis.call('GET', KEYS[1]))
   if tat then
     tat = math.max(tat + delta * 60000 / tpm, now)
-    redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil(tat - now + 1000))
+    redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now + 1000))
   end
 end
 if delta ~= 0 then

