@@ -74,9 +74,11 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def spawn(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
+def spawn(args: list[str], env: dict[str, str] | None = None, log: Path | None = None, clean: bool = False) -> Any:
+    """``clean``: only PATH/HOME from here (LiteLLM would take the console's DATABASE_URL for its own)."""
     out = log.open("w") if log else subprocess.DEVNULL
-    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+    base = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ} if clean else dict(os.environ)
+    return subprocess.Popen(args, cwd=ROOT, env={**base, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
 
 
@@ -235,7 +237,7 @@ def litellm(mock_url: str, replica_key: str, work: Path) -> tuple[Any, str, str]
     port = free_port()
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
     process = spawn([str(LITELLM_VENV / "bin/litellm"), "--config", str(config), "--port", str(port),
-                     "--num_workers", "2"], env, work / "litellm.log")  # fmt: skip
+                     "--num_workers", "2"], env, work / "litellm.log", clean=True)  # fmt: skip
     wait_http(f"http://127.0.0.1:{port}/health/liveliness", 180)
     return process, f"http://127.0.0.1:{port}", master
 
@@ -290,7 +292,7 @@ def start_engine(extra: list[str]) -> tuple[Any, int, str]:
     args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
             "tiny", "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.15",
             "--max-model-len", "512", "--max-num-seqs", "32", *extra]  # fmt: skip
-    process = spawn(args, {"VLLM_API_KEY": key, "VLLM_CPU_KVCACHE_SPACE": ""}, Path(tempfile.gettempdir()) / "b.log")
+    process = spawn(args, {"VLLM_API_KEY": key}, Path(tempfile.gettempdir()) / "bench-gateway-engine.log")
     wait_http(f"http://127.0.0.1:{port}/health", 300)
     return process, port, key
 

@@ -186,8 +186,9 @@ class GatewayApp:
         if call.endpoint != "embeddings":
             reserve += shaped.max_tokens or settings.GATEWAY_DEFAULT_MAX_TOKENS
         key = call.key
-        decision = await state.limiter.admit(key.department_id, key.limits, reserve, settings.GATEWAY_LEASE_SECONDS)
-        call.rate_headers = _rate_headers(key.limits, decision)
+        decision = await state.limiter.admit(key.department_id, key.limits, reserve, settings.GATEWAY_LEASE_SECONDS,
+                                             key.pk, key.key_limits)  # fmt: skip
+        call.rate_headers = _rate_headers(key.effective, decision)
         if not decision.allowed:
             self.refuse(decision)
         call.decision = decision

@@ -30,7 +30,9 @@ class KeyInfo:
     department_id: int
     department: str
     priority: str
-    limits: Limits
+    limits: Limits  # the department's
+    key_limits: Limits  # the key's own (counted for the key alone)
+    effective: Limits  # both narrowed together: what the x-ratelimit-limit headers announce
     max_tokens_cap: int | None
     models: frozenset[str]  # served model names the key may use
     not_after: float | None  # expiry or end of the rotation grace / revocation, as a timestamp
@@ -81,7 +83,8 @@ def _load_key(key_id: str) -> KeyInfo | None:
     department = key.department
     return KeyInfo(
         pk=key.pk, key_hash=key.key_hash, name=key.name, department_id=department.pk, department=department.name,
-        priority=department.priority, limits=key.limits(), max_tokens_cap=key.max_tokens_cap(), models=names,
+        priority=department.priority, limits=department.limits(), key_limits=key.own_limits(),
+        effective=key.limits(), max_tokens_cap=key.max_tokens_cap(), models=names,
         not_after=_timestamp(key.expires_at, key.revoked_at),
     )  # fmt: skip
 

@@ -7,6 +7,9 @@ under one hash tag ``{dept:<id>}``, time taken from Redis (``TIME``), never from
 - concurrency: leases in a sorted set scored by their expiry, released in ``finally``, expired
   ones reclaimed by the next admission.
 
+A key with limits of its own (rpm, tpm, concurrency) has its own counters beside the department's,
+in the same script and hash tag: its requests must pass both, so a key's limit only ever narrows.
+
 Redis unreachable → denied with the distinct reason ``redis_unavailable`` (the gateway answers 503);
 there is no per-process fallback.
 """
@@ -30,36 +33,43 @@ local day_budget, month_budget = tonumber(ARGV[3]), tonumber(ARGV[4])
 local max_conc, reserve = tonumber(ARGV[5]), tonumber(ARGV[6])
 local lease, lease_ttl = ARGV[7], tonumber(ARGV[8])
 local day_ttl, month_ttl = tonumber(ARGV[9]), tonumber(ARGV[10])
+local key_rpm, key_tpm, key_conc = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local rem_rpm, rem_tpm, rem_day, rem_month = -1, -1, -1, -1
+local writes = {}
 
-local new_rpm_tat, rpm_period = nil, 0
-if rpm > 0 then
-  local period = 60000 / rpm
-  local burst = math.max(1, math.ceil(rpm / 6))
-  local tau = (burst - 1) * period
-  local tat = tonumber(redis.call('GET', KEYS[1])) or now
-  if tat < now then tat = now end
-  if tat - now > tau then
-    return {0, 'rpm', math.ceil(tat - now - tau), 0, -1, -1, -1}
-  end
-  new_rpm_tat = tat + period
-  rpm_period = period
-  rem_rpm = math.floor((tau + period - (new_rpm_tat - now)) / period)
+local function least(current, value)
+  if current < 0 then return value end
+  return math.min(current, value)
 end
 
-local new_tpm_tat = nil
-if tpm > 0 then
-  if reserve > tpm then
-    return {0, 'tpm_request_too_large', -1, rem_rpm, 0, -1, -1}
+-- requests per minute (GCRA), for the department and then for the key's own, narrower limit
+for _, spec in ipairs({{1, rpm, 'rpm'}, {6, key_rpm, 'key_rpm'}}) do
+  local limit = spec[2]
+  if limit > 0 then
+    local period = 60000 / limit
+    local tau = (math.max(1, math.ceil(limit / 6)) - 1) * period
+    local tat = tonumber(redis.call('GET', KEYS[spec[1]])) or now
+    if tat < now then tat = now end
+    if tat - now > tau then return {0, spec[3], math.ceil(tat - now - tau), 0, -1, -1, -1} end
+    local new = tat + period
+    writes[#writes + 1] = {KEYS[spec[1]], new, math.ceil(new - now + period)}
+    rem_rpm = least(rem_rpm, math.floor((tau + period - (new - now)) / period))
   end
-  local per_token = 60000 / tpm
-  local tat = tonumber(redis.call('GET', KEYS[2])) or now
-  if tat < now then tat = now end
-  new_tpm_tat = tat + reserve * per_token
-  if new_tpm_tat - now > 60000 then
-    return {0, 'tpm', math.ceil(new_tpm_tat - now - 60000), rem_rpm, 0, -1, -1}
+end
+
+-- tokens per minute: the reservation advances a GCRA clock by reserve * (60 s / tpm)
+for _, spec in ipairs({{2, tpm, 'tpm'}, {7, key_tpm, 'key_tpm'}}) do
+  local limit = spec[2]
+  if limit > 0 then
+    if reserve > limit then return {0, 'tpm_request_too_large', -1, rem_rpm, 0, -1, -1} end
+    local per_token = 60000 / limit
+    local tat = tonumber(redis.call('GET', KEYS[spec[1]])) or now
+    if tat < now then tat = now end
+    local new = tat + reserve * per_token
+    if new - now > 60000 then return {0, spec[3], math.ceil(new - now - 60000), rem_rpm, 0, -1, -1} end
+    writes[#writes + 1] = {KEYS[spec[1]], new, math.ceil(new - now + 1000)}
+    rem_tpm = least(rem_tpm, math.floor((60000 - (new - now)) / per_token))
   end
-  rem_tpm = math.floor((60000 - (new_tpm_tat - now)) / per_token)
 end
 
 if day_budget > 0 then
@@ -76,20 +86,17 @@ if month_budget > 0 then
   end
   rem_month = month_budget - used - reserve
 end
-if max_conc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-  if redis.call('ZCARD', KEYS[5]) >= max_conc then
-    return {0, 'concurrency', 1000, rem_rpm, rem_tpm, rem_day, rem_month}
+for _, spec in ipairs({{5, max_conc, 'concurrency'}, {8, key_conc, 'key_concurrency'}}) do
+  if spec[2] > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[spec[1]], '-inf', now)
+    if redis.call('ZCARD', KEYS[spec[1]]) >= spec[2] then
+      return {0, spec[3], 1000, rem_rpm, rem_tpm, rem_day, rem_month}
+    end
   end
 end
 
 -- every check passed: take what was asked for
-if new_rpm_tat then
-  redis.call('SET', KEYS[1], string.format('%.3f', new_rpm_tat), 'PX', math.ceil(new_rpm_tat - now + rpm_period))
-end
-if new_tpm_tat then
-  redis.call('SET', KEYS[2], string.format('%.3f', new_tpm_tat), 'PX', math.ceil(new_tpm_tat - now + 1000))
-end
+for _, w in ipairs(writes) do redis.call('SET', w[1], string.format('%.3f', w[2]), 'PX', w[3]) end
 if day_budget > 0 or month_budget > 0 or reserve > 0 then
   redis.call('INCRBY', KEYS[3], reserve)
   redis.call('EXPIRE', KEYS[3], day_ttl, 'NX')
@@ -97,28 +104,32 @@ if day_budget > 0 or month_budget > 0 or reserve > 0 then
   redis.call('EXPIRE', KEYS[4], month_ttl, 'NX')
 end
 if max_conc > 0 then redis.call('ZADD', KEYS[5], now + lease_ttl, lease) end
+if key_conc > 0 then redis.call('ZADD', KEYS[8], now + lease_ttl, lease) end
 return {1, '', 0, rem_rpm, rem_tpm, rem_day, rem_month}
 """
 
 SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local tpm, delta, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-if tpm > 0 and delta ~= 0 then
-  local tat = tonumber(redis.call('GET', KEYS[1]))
-  if tat then
-    tat = math.max(tat + delta * 60000 / tpm, now)
-    redis.call('SET', KEYS[1], string.format('%.3f', tat), 'PX', math.ceil(tat - now + 1000))
-  end
-end
+local tpm, delta, lease, key_tpm = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 if delta ~= 0 then
+  for _, spec in ipairs({{1, tpm}, {5, key_tpm}}) do
+    local tat = spec[2] > 0 and tonumber(redis.call('GET', KEYS[spec[1]]))
+    if tat then
+      tat = math.max(tat + delta * 60000 / spec[2], now)
+      redis.call('SET', KEYS[spec[1]], string.format('%.3f', tat), 'PX', math.ceil(tat - now + 1000))
+    end
+  end
   for i = 2, 3 do
     if redis.call('EXISTS', KEYS[i]) == 1 then
       if redis.call('INCRBY', KEYS[i], delta) < 0 then redis.call('SET', KEYS[i], 0, 'KEEPTTL') end
     end
   end
 end
-if lease ~= '' then redis.call('ZREM', KEYS[4], lease) end
+if lease ~= '' then
+  redis.call('ZREM', KEYS[4], lease)
+  redis.call('ZREM', KEYS[6], lease)
+end
 return 1
 """
 
@@ -150,23 +161,30 @@ class Decision:
     remaining: dict[str, int] = field(default_factory=dict)
     lease: str = ""
     reserved: int = 0
+    key_id: int | None = None  # the key's own counters, when it has limits of its own
+    key_tpm: int = 0
 
 
-def _keys(department_id: int, now: datetime) -> list[str]:
+NO_KEY_LIMITS = Limits()
+
+
+def _keys(department_id: int, now: datetime, key_id: int | None = None) -> list[str]:
+    """The department's counters, then the key's own (same hash tag: one slot, one script)."""
     tag = f"{{dept:{department_id}}}"
+    own = f"lim:{tag}:key:{'-' if key_id is None else key_id}"
     return [f"lim:{tag}:rpm", f"lim:{tag}:tpm", f"lim:{tag}:day:{now:%Y%m%d}", f"lim:{tag}:month:{now:%Y%m}",
-            f"lim:{tag}:leases"]  # fmt: skip
+            f"lim:{tag}:leases", f"{own}:rpm", f"{own}:tpm", f"{own}:leases"]  # fmt: skip
 
 
-def _admit_args(limits: Limits, reserve_tokens: int, lease_seconds: float) -> tuple[str, list]:
-    lease = secrets.token_hex(8) if limits.concurrency else ""
+def _admit_args(limits: Limits, key_limits: Limits, reserve_tokens: int, lease_seconds: float) -> tuple[str, list]:
+    lease = secrets.token_hex(8) if limits.concurrency or key_limits.concurrency else ""
     args = [limits.rpm or 0, limits.tpm or 0, limits.tokens_per_day or 0, limits.tokens_per_month or 0,
             limits.concurrency or 0, max(0, int(reserve_tokens)), lease, int(lease_seconds * 1000),
-            2 * 86400, 33 * 86400]  # fmt: skip
+            2 * 86400, 33 * 86400, key_limits.rpm or 0, key_limits.tpm or 0, key_limits.concurrency or 0]  # fmt: skip
     return lease, args
 
 
-def _decision(result: list, lease: str, reserve_tokens: int) -> Decision:
+def _decision(result: list, lease: str, reserve_tokens: int, key_id: int | None, key_limits: Limits) -> Decision:
     allowed, limit, retry_ms, *remaining = result
     names = ("requests", "tokens", "tokens_per_day", "tokens_per_month")
     decision = Decision(
@@ -177,13 +195,15 @@ def _decision(result: list, lease: str, reserve_tokens: int) -> Decision:
     )
     if decision.allowed:
         decision.lease, decision.reserved = lease, max(0, int(reserve_tokens))
+        decision.key_id, decision.key_tpm = key_id, key_limits.tpm or 0
     return decision
 
 
 def _settle_call(department_id: int, limits: Limits, decision: Decision, used_tokens: int) -> tuple[list, list]:
-    keys = _keys(department_id, datetime.now(UTC))
+    keys = _keys(department_id, datetime.now(UTC), decision.key_id)
     delta = max(0, int(used_tokens)) - decision.reserved
-    return [keys[1], keys[2], keys[3], keys[4]], [limits.tpm or 0, delta, decision.lease]
+    return [keys[1], keys[2], keys[3], keys[4], keys[6], keys[7]], [limits.tpm or 0, delta, decision.lease,
+                                                                    decision.key_tpm]  # fmt: skip
 
 
 class Limiter:
@@ -194,13 +214,17 @@ class Limiter:
         self.admit_script = client.register_script(ADMIT)  # EVALSHA, loading the script when Redis lost it
         self.settle_script = client.register_script(SETTLE)
 
-    def admit(self, department_id: int, limits: Limits, reserve_tokens: int, lease_seconds: float = 600) -> Decision:
-        lease, args = _admit_args(limits, reserve_tokens, lease_seconds)
+    def admit(
+        self, department_id: int, limits: Limits, reserve_tokens: int, lease_seconds: float = 600,
+        key_id: int | None = None, key_limits: Limits = NO_KEY_LIMITS,
+    ) -> Decision:  # fmt: skip
+        """Admit one request of a department (and of its key, when the key has limits of its own)."""
+        lease, args = _admit_args(limits, key_limits, reserve_tokens, lease_seconds)
         try:
-            result = self.admit_script(keys=_keys(department_id, datetime.now(UTC)), args=args)
+            result = self.admit_script(keys=_keys(department_id, datetime.now(UTC), key_id), args=args)
         except redis.RedisError:
             return Decision(False, "redis_unavailable", retry_after=1.0)
-        return _decision(result, lease, reserve_tokens)
+        return _decision(result, lease, reserve_tokens, key_id, key_limits)
 
     def settle(self, department_id: int, limits: Limits, decision: Decision, used_tokens: int) -> None:
         """Correct the reservation to the real usage (both ways) and release the lease."""
@@ -231,14 +255,15 @@ class AsyncLimiter:
         self.settle_script = client.register_script(SETTLE)
 
     async def admit(
-        self, department_id: int, limits: Limits, reserve_tokens: int, lease_seconds: float = 600
-    ) -> Decision:
-        lease, args = _admit_args(limits, reserve_tokens, lease_seconds)
+        self, department_id: int, limits: Limits, reserve_tokens: int, lease_seconds: float = 600,
+        key_id: int | None = None, key_limits: Limits = NO_KEY_LIMITS,
+    ) -> Decision:  # fmt: skip
+        lease, args = _admit_args(limits, key_limits, reserve_tokens, lease_seconds)
         try:
-            result = await self.admit_script(keys=_keys(department_id, datetime.now(UTC)), args=args)
+            result = await self.admit_script(keys=_keys(department_id, datetime.now(UTC), key_id), args=args)
         except (redis.RedisError, OSError):
             return Decision(False, "redis_unavailable", retry_after=1.0)
-        return _decision(result, lease, reserve_tokens)
+        return _decision(result, lease, reserve_tokens, key_id, key_limits)
 
     def settle_in(
         self, pipe: redis.asyncio.client.Pipeline, department_id: int, limits: Limits, decision: Decision, used: int

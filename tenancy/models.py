@@ -161,10 +161,13 @@ class ApiKey(models.Model):
             self.save(update_fields=["replaced_by", "grace_until", "revoked_at"])
         return new, raw
 
+    def own_limits(self) -> Limits:
+        """The key's own limits (counted for this key alone, on top of the department's)."""
+        return Limits(self.rpm, self.tpm, None, None, self.max_concurrency)
+
     def limits(self) -> Limits:
-        """The department's limits, narrowed by the key's own."""
-        own = Limits(self.rpm, self.tpm, None, None, self.max_concurrency)
-        return self.department.limits().narrowed(own)
+        """The limits in effect for this key: the department's, narrowed by the key's own."""
+        return self.department.limits().narrowed(self.own_limits())
 
     def max_tokens_cap(self) -> int | None:
         caps = [c for c in (self.department.max_tokens_per_request, self.max_tokens_per_request) if c]

@@ -211,6 +211,15 @@ def test_rate_limit_answers_429_with_headers(tenant: Tenant, redis_db: redis.Red
     assert statuses == [200, 429, 429]
 
 
+def test_a_keys_own_rate_limit_leaves_its_department_alone(tenant: Tenant) -> None:
+    _, narrow = ApiKey.issue(tenant.department, "cron job", rpm=6)
+    assert post(tenant, {"model": "tiny", "messages": HELLO}, raw=narrow).status_code == 200
+    refused = post(tenant, {"model": "tiny", "messages": HELLO}, raw=narrow)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_key_rpm"
+    assert refused.headers["x-ratelimit-limit-requests"] == "6"
+    assert all(post(tenant, {"model": "tiny", "messages": HELLO}).status_code == 200 for _ in range(3))
+
+
 def test_token_budget_is_settled_to_real_usage(tenant: Tenant, redis_db: redis.Redis) -> None:
     Department.objects.filter(pk=tenant.department.pk).update(tokens_per_day=700)
     # Each request reserves its max_tokens (500) + prompt estimate; it uses ~10, so it is settled back.

@@ -118,3 +118,26 @@ def test_redis_unreachable_denies_with_its_own_reason() -> None:
     limiter = Limiter(redis.Redis(port=port, socket_connect_timeout=0.2))
     decision = limiter.admit(1, Limits(rpm=10), 10)
     assert not decision.allowed and decision.limit == "redis_unavailable"
+
+
+def test_a_keys_own_limits_count_for_that_key_alone(limiter: Limiter) -> None:
+    """Department 100 rpm; key 1 has its own 6 rpm (burst 1): key 1 is held to it, key 2 is not, and the
+    department's own counter only moves by what was admitted."""
+    department = Limits(rpm=100, concurrency=3)
+    narrow = Limits(rpm=6, concurrency=1)
+    first = limiter.admit(11, department, 0, key_id=1, key_limits=narrow)
+    assert first.allowed
+    refused = limiter.admit(11, department, 0, key_id=1, key_limits=narrow)
+    assert refused.limit == "key_rpm" and 0 < refused.retry_after <= 10
+    assert all(limiter.admit(11, department, 0, key_id=2).allowed for _ in range(2))  # the key-less budget is intact
+    assert limiter.admit(11, department, 0, key_id=2).limit == "concurrency"  # 3 leases held department-wide
+    limiter.release(11, department, first)
+    assert limiter.admit(11, department, 0, key_id=2).allowed  # the released lease left both sets
+
+
+def test_key_tpm_settles_on_the_keys_counter(limiter: Limiter) -> None:
+    department, narrow = Limits(tpm=100_000), Limits(tpm=1000)
+    decision = limiter.admit(12, department, 900, key_id=5, key_limits=narrow)
+    assert limiter.admit(12, department, 900, key_id=5, key_limits=narrow).limit == "key_tpm"
+    limiter.settle(12, department, decision, 50)  # used far less than reserved: given back
+    assert limiter.admit(12, department, 900, key_id=5, key_limits=narrow).allowed
