@@ -195,6 +195,11 @@ GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 1024, minimum
 # Requests in flight per replica before new ones queue by priority, and how long they may wait.
 GATEWAY_REPLICA_CAPACITY = env_int("GATEWAY_REPLICA_CAPACITY", 64, minimum=1, maximum=100_000)
 GATEWAY_QUEUE_SECONDS = env_int("GATEWAY_QUEUE_SECONDS", 30, minimum=0, maximum=3600)
+# While a higher priority class is active (sent a request in the last window), normal and low
+# departments may hold only these shares of a deployment's capacity (a low burst cannot fill it).
+GATEWAY_NORMAL_SHARE_PERCENT = env_int("GATEWAY_NORMAL_SHARE_PERCENT", 75, minimum=1, maximum=100)
+GATEWAY_LOW_SHARE_PERCENT = env_int("GATEWAY_LOW_SHARE_PERCENT", 25, minimum=1, maximum=100)
+GATEWAY_PRIORITY_WINDOW_SECONDS = env_int("GATEWAY_PRIORITY_WINDOW_SECONDS", 10, minimum=0, maximum=3600)
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_int("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 600, minimum=1, maximum=86400)
 GATEWAY_LEASE_SECONDS = env_int("GATEWAY_LEASE_SECONDS", 900, minimum=10, maximum=86400)
 # Prompts sharing at least this many leading characters prefer one replica (vLLM prefix cache).

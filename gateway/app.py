@@ -78,7 +78,9 @@ class State:
         )
         self.limiter = AsyncLimiter(self.redis)
         self.directory = Directory()
-        self.balancer = Balancer(settings.GATEWAY_REPLICA_CAPACITY)
+        shares = (1.0, settings.GATEWAY_NORMAL_SHARE_PERCENT / 100, settings.GATEWAY_LOW_SHARE_PERCENT / 100)
+        self.balancer = Balancer(settings.GATEWAY_REPLICA_CAPACITY, shares=shares,
+                                 window=settings.GATEWAY_PRIORITY_WINDOW_SECONDS)  # fmt: skip
 
     async def close(self) -> None:
         await self.session.close()
