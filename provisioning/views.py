@@ -121,6 +121,8 @@ def detail(request: HttpRequest, name: str) -> HttpResponse:
             "log": launcher.log_tail(replicas[0].log_path, 4000) if replicas else "",
             "scale_form": ScaleForm(initial={"replicas": deployment.replicas}),
             "gpu_alerts": gpu_alerts(replicas),
+            "gateway_url": request.build_absolute_uri("/v1"),
+            "departments": deployment.departments.order_by("name").only("pk", "name")[:20],
             "nav": "deployments",
         },
     )

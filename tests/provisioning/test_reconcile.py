@@ -268,6 +268,16 @@ def test_deployment_page_shows_alerts_of_its_gpus(admin_client: Client, tiny_mod
     assert "XID 79" in html and "GPU 1" in html
 
 
+def test_deployment_page_tells_how_to_call_it(admin_client: Client, deployment_factory: Any) -> None:
+    from tenancy.models import Department
+
+    deployment = deployment_factory(name="chat")
+    html = admin_client.get(reverse("provisioning:detail", args=["chat"])).content.decode()
+    assert 'base_url="http://testserver/v1"' in html and 'model="chat"' in html
+    Department.objects.create(name="Legal").deployments.add(deployment)
+    assert ">Legal</a>" in admin_client.get(reverse("provisioning:detail", args=["chat"])).content.decode()
+
+
 def test_gpu_processes_name_their_replica(admin_client: Client, tiny_model: LocalModel, db: Any) -> None:
     from gpus.models import Gpu
 
