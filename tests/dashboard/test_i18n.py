@@ -246,6 +246,7 @@ class _TextFinder(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.found: list[tuple[int, str]] = []
         self.raw_text = False  # inside <script> or <style>
+        self.in_pre = 0  # inside <pre>: code samples, shown as written in every language
 
     def _check(self, text: str, line: int) -> None:
         for fragment in text.split(SENTINEL):
@@ -256,6 +257,7 @@ class _TextFinder(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in ("script", "style"):
             self.raw_text = True
+        self.in_pre += tag == "pre"
         values = dict(attrs)
         visible = set(VISIBLE_ATTRIBUTES)
         if tag == "input" and values.get("type") in ("submit", "button", "reset"):
@@ -271,9 +273,10 @@ class _TextFinder(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag in ("script", "style"):
             self.raw_text = False
+        self.in_pre -= tag == "pre" and self.in_pre > 0
 
     def handle_data(self, data: str) -> None:
-        if not self.raw_text:
+        if not self.raw_text and not self.in_pre:
             self._check(data, self.getpos()[0])
 
 
@@ -291,7 +294,7 @@ def test_the_template_scan_finds_unmarked_text(tmp_path: Path) -> None:
         '{% load i18n %}<h1>{% translate "Fine" %}</h1>\n<p>Plain {{ x }} text</p>{# a comment #}\n'
         '<input placeholder="Search" title="{% translate \'Ok\' %}"><!-- <b>html comment</b> -->\n'
         "{% blocktranslate %}Also fine {{ x }}{% endblocktranslate %}{% comment %}Not shown{% endcomment %}\n"
-        "<script>const s = 'code';</script><style>p { color: red }</style><td>{{ n }} °C</td>\n"
+        "<script>const s = 'code';</script><style>p { color: red }</style><td>{{ n }} °C</td><pre>x = 1</pre>\n"
         '<span aria-label="Close">×</span>{{ a|default:"none" }}{{ b|default:_("fine")|default:"—" }}'
     )
     assert untranslated_text(sample) == [(2, "Plain"), (2, "text"), (3, "Search"), (6, '"none"'), (6, "Close")]
