@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.db import models
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext_lazy as _
 
 
@@ -71,6 +73,23 @@ def forbidden(request: HttpRequest, action: str) -> HttpResponse:
     return render(request, "403.html", status=403)
 
 
+def login_redirect(request: HttpRequest) -> HttpResponse:
+    """Send an anonymous user to the login page, and back afterwards. A form sent after the session
+    expired comes back to the page the form was on (the Referer, on this site only), not to the URL
+    it posts to, which answers GET with 405; the page then puts back what was typed
+    (dashboard/static/dashboard/forms.js)."""
+    from django.contrib.auth.views import redirect_to_login
+
+    target = request.get_full_path()
+    referer = request.headers.get("Referer", "")
+    if request.method not in ("GET", "HEAD") and url_has_allowed_host_and_scheme(
+        referer, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        parts = urlsplit(referer)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+    return redirect_to_login(target)
+
+
 def require_role(*allowed: Role, action: str = "") -> Callable:
     """Let only users with one of ``allowed`` roles through; others get 403 and an audit event.
 
@@ -81,10 +100,8 @@ def require_role(*allowed: Role, action: str = "") -> Callable:
     def decorator(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
         @wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-            from django.contrib.auth.views import redirect_to_login
-
             if not request.user.is_authenticated:
-                return redirect_to_login(request.get_full_path())
+                return login_redirect(request)
             if role_of(request.user) not in allowed:
                 return forbidden(request, action or f"{view.__module__}.{view.__name__}")
             return view(request, *args, **kwargs)

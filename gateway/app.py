@@ -424,6 +424,12 @@ class GatewayApp:
         """Settle the reservation, record usage and metrics (one Redis round trip)."""
         if not call.endpoint:
             return
+        if call.endpoint == "models" and call.status == 200:
+            # Listing models bills nothing and names no model: metrics only, no usage record.
+            if call.key is not None:
+                metrics.observe(call.key.department, "-", 200, 0, 0, None, time.perf_counter() - call.started,
+                                call.overhead)  # fmt: skip
+            return
         now = time.perf_counter()
         key, shaped = call.key, call.shaped
         if call.status == 499 or (call.chunks and not call.completion_tokens):

@@ -25,12 +25,30 @@ def _simulated_faults() -> list[dict[str, Any]]:
     return [{"gpu": f.gpu_index, "kind": f.kind, "value": f.value} for f in faults]
 
 
+def _simulated_processes() -> dict[int, list[dict[str, int]]]:
+    """This node's running engines as the simulated GPUs' processes, so the GPUs page names the
+    replica behind each one as it does with NVML: on the GPUs the replica was placed on, or, for an
+    engine on the CPU runtime (no GPU placed), on GPU ordinal modulo the count."""
+    from provisioning.models import Replica
+
+    running: dict[int, list[dict[str, int]]] = {}
+    replicas = Replica.objects.filter(node=settings.NODE_NAME, state__in=list(Replica.RUNNING), pid__isnull=False)
+    for replica in replicas.select_related("deployment"):
+        gpus = replica.gpu_ids or [replica.ordinal % settings.GPU_SIMULATED_COUNT]
+        memory = int(replica.deployment.gpu_memory_fraction * SimulatedProbe.MEMORY)
+        for index in gpus:
+            running.setdefault(index, []).append({"pid": replica.pid, "memory": memory})
+    return running
+
+
 def get_probe() -> GpuProbe:
     """This process's probe, as the GPU_SOURCE setting says (kept: NVML's event set must persist)."""
     global _probe
     if _probe is None:
         if settings.GPU_SOURCE == "simulated":
-            _probe = SimulatedProbe(settings.GPU_SIMULATED_COUNT, faults=_simulated_faults)
+            _probe = SimulatedProbe(
+                settings.GPU_SIMULATED_COUNT, faults=_simulated_faults, processes=_simulated_processes
+            )
         else:
             _probe = NvmlProbe()
     return _probe

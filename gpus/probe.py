@@ -251,15 +251,24 @@ class NvmlProbe:
 
 class SimulatedProbe:
     """FAKE GPUs for demos and tests (``GPU_SOURCE=simulated``): plausible, slowly varying numbers,
-    plus faults injected with ``manage.py gpu_fault`` (XID, ECC, overheating, lost)."""
+    plus faults injected with ``manage.py gpu_fault`` (XID, ECC, overheating, lost) and, as their
+    processes, the engines ``processes()`` lists per GPU index (the console's running replicas)."""
 
     simulated = True
     NAME = "Simulated H100 80GB HBM3"
+    MEMORY = 80 * 1024**3
 
-    def __init__(self, count: int = 8, seed: int = 0, faults: Callable[[], list[dict[str, Any]]] | None = None):
+    def __init__(
+        self,
+        count: int = 8,
+        seed: int = 0,
+        faults: Callable[[], list[dict[str, Any]]] | None = None,
+        processes: Callable[[], dict[int, list[dict[str, int]]]] | None = None,
+    ):
         self.count = count
         self.random = random.Random(seed)  # noqa: S311 - fake numbers, not secrets
         self.faults = faults or (lambda: [])
+        self.processes = processes or (lambda: {})
         self.replays = [0] * count
 
     def start(self) -> None:
@@ -268,6 +277,7 @@ class SimulatedProbe:
     def sample(self) -> list[GpuReading]:
         now = time.time()
         faults = self.faults()
+        running = self.processes()
         readings = []
         for index in range(self.count):
             wave = (1 + math.sin(now / 300 + index)) / 2
@@ -282,7 +292,7 @@ class SimulatedProbe:
                 cuda_version="13.0",
                 util_gpu=max(0, min(100, util)),
                 util_mem=max(0, min(100, util - 10)),
-                mem_total=80 * 1024**3,
+                mem_total=self.MEMORY,
                 mem_used=int((10 + 60 * wave) * 1024**3),
                 temperature=int(35 + 35 * wave),
                 power_draw=round(80 + 500 * wave * util / 100, 1),
@@ -306,6 +316,7 @@ class SimulatedProbe:
                 nvlink_up=18,
                 nvlink_total=18,
                 missing=["fan"],
+                processes=list(running.get(index, [])),
             )
             for fault in faults:
                 if fault["gpu"] == index:

@@ -68,6 +68,11 @@ class ImportForm(forms.Form):
     )
     repo_id = RepoIdField(label=_("Name here"), max_length=200, help_text=_("For example acme/llama-3-8b"))
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Ids of its own: the Add page shows it beside the download form, which has a repo_id too.
+        kwargs.setdefault("auto_id", "id_import_%s")
+        super().__init__(*args, **kwargs)
+
     def clean_directory(self) -> str:
         from pathlib import Path
 

@@ -71,6 +71,12 @@ class KeyForm(QuotaBounds, forms.ModelForm):
         fields = ["name", "rpm", "tpm", "max_concurrency", "max_tokens_per_request"]
         help_texts = {"rpm": _("Optional: can only narrow the department's limits.")}
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Ids of its own: the department page shows it beside the department's form, whose fields
+        # have the same names (one id twice, and a label leads to the other form's field).
+        kwargs.setdefault("auto_id", "id_key_%s")
+        super().__init__(*args, **kwargs)
+
     def expires_at(self) -> Any:
         days = self.cleaned_data.get("expires_in_days")
         return timezone.now() + timedelta(days=days) if days else None

@@ -1,7 +1,8 @@
 """Usage reports and chargeback, read from the roll-ups (never from the raw records).
 
-Every query starts from ``scoped_rollups(user, …)``, which goes through ``Department.objects.visible_to``:
-a department admin gets their own departments' rows and nothing else, whatever ids a filter names.
+Every query starts from ``scoped_rollups(user, …)``, which scopes by ``appliance.roles.department_ids``
+as ``Department.objects.visible_to`` does: a department admin gets their own departments' rows and
+nothing else, whatever ids a filter names.
 Days are UTC days, as the roll-ups are. A range of up to two days reads the hourly rows, a longer one
 the daily rows.
 
@@ -19,9 +20,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from itertools import islice
 from typing import Any
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Case, F, QuerySet, Sum, When
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -33,6 +35,7 @@ HOURLY_UP_TO_DAYS = 2
 DEFAULT_DAYS = 7
 GROUPS = ("department", "key", "model")
 CHART_SERIES = 8  # more groups than this are summed into "Other" on charts
+BREAKDOWN_ROWS = 250  # a longer breakdown table shows the largest groups and "Other" (the CSV has every row)
 CENT = Decimal("0.01")
 MILLION = Decimal(1_000_000)
 MAX_PRICE = Decimal(1_000_000)
@@ -98,13 +101,18 @@ def visible_department_ids(user: Any) -> set[int]:
 
 def scoped_rollups(user: Any, span: Range, departments: Iterable[int] | None = None) -> QuerySet[UsageRollup]:
     """The roll-up rows of ``span`` (at its period) of the departments ``user`` may see, narrowed to
-    ``departments`` when given (ids the user may not see simply match nothing)."""
-    visible = Department.objects.visible_to(user)
+    ``departments`` when given (ids the user may not see simply match nothing).
+
+    Scoped by ``department_ids`` as ``visible_to`` is. Someone who sees every department and names
+    none gets no department condition at all: the database then reads one (period, start) index
+    range instead of probing the range once per department (three times faster over a month)."""
+    rows = UsageRollup.objects.filter(period=span.period, start__gte=span.since, start__lt=span.until).order_by()
+    visible = department_ids(user)
+    if visible is not None:
+        rows = rows.filter(department_id__in=sorted(visible))
     if departments is not None:
-        visible = visible.filter(pk__in=list(departments))
-    return UsageRollup.objects.filter(
-        period=span.period, start__gte=span.since, start__lt=span.until, department__in=visible
-    ).order_by()
+        rows = rows.filter(department_id__in=sorted(set(departments)))
+    return rows
 
 
 @dataclass
@@ -167,41 +175,71 @@ def _labels(group: str, values: Iterable[Any]) -> dict[Any, str]:
     return {v: v for v in values}
 
 
-def breakdown(rows: QuerySet[UsageRollup], group: str) -> list[Totals]:
-    """One ``Totals`` per department, key or model, most tokens first."""
+def _grouped(rows: QuerySet[UsageRollup], group: str) -> tuple[str, list[dict[str, Any]]]:
     if group not in GROUPS:
         raise ValueError(f"Unknown grouping {group!r}.")
     name = _GROUP_FIELD[group]
-    grouped = list(rows.values(name).annotate(**_SUMS))
-    labels = _labels(group, (g[name] for g in grouped))
-    out = [_totals(labels.get(g[name], str(g[name])), g) for g in grouped]
-    return sorted(out, key=lambda t: (-t.tokens, t.label))
+    return name, list(rows.values(name).annotate(**_SUMS).order_by())
 
 
-def series(rows: QuerySet[UsageRollup], group: str, span: Range) -> dict[str, Any]:
-    """Chart data: bucket labels, tokens per bucket stacked by group (the largest ``CHART_SERIES``
-    groups, the rest as "Other"), and requests and errors per bucket."""
-    if group not in GROUPS:
-        raise ValueError(f"Unknown grouping {group!r}.")
-    name = _GROUP_FIELD[group]
+def _tokens(values: dict[str, Any]) -> int:
+    return (values["prompt_tokens"] or 0) + (values["completion_tokens"] or 0)
+
+
+def _ranked(group: str, name: str, grouped: list[dict[str, Any]], keep: int) -> tuple[list[dict], dict[Any, str]]:
+    """``grouped`` most tokens first, ties by label, and the labels of (at least) the first ``keep``:
+    only those are looked up, as a month by key can have thousands of keys."""
+    ranked = sorted(grouped, key=lambda g: -_tokens(g))
+    if len(ranked) > keep:
+        floor = _tokens(ranked[keep - 1])
+        head = [g for g in ranked if _tokens(g) >= floor]  # a tie at the cut is ranked by label too
+    else:
+        head = ranked
+    labels = _labels(group, (g[name] for g in head))
+    head.sort(key=lambda g: (-_tokens(g), labels.get(g[name], str(g[name]))))
+    return head + ranked[len(head) :], labels
+
+
+def _summed(label: str, grouped: list[dict[str, Any]]) -> Totals:
+    return _totals(label, {field: sum(g[field] or 0 for g in grouped) for field in _SUMS})
+
+
+def _breakdown(name: str, ranked: list[dict], labels: dict[Any, str], limit: int | None) -> list[Totals]:
+    shown = ranked if limit is None or len(ranked) <= limit else ranked[: limit - 1]
+    out = [_totals(labels.get(g[name], str(g[name])), g) for g in shown]
+    if len(shown) < len(ranked):
+        out.append(_summed(_("Other"), ranked[len(shown) :]))
+    return out
+
+
+def breakdown(rows: QuerySet[UsageRollup], group: str, limit: int | None = None) -> list[Totals]:
+    """One ``Totals`` per department, key or model, most tokens first; with ``limit``, at most that
+    many rows, the last one "Other" summing the groups that did not fit."""
+    name, grouped = _grouped(rows, group)
+    ranked, labels = _ranked(group, name, grouped, len(grouped) if limit is None else limit)
+    return _breakdown(name, ranked, labels, limit)
+
+
+def _chart(rows: QuerySet[UsageRollup], name: str, span: Range, ranked: list[dict], labels: dict) -> dict[str, Any]:
     buckets = span.buckets()
     index = {moment: i for i, moment in enumerate(buckets)}
-    grouped = list(rows.values("start", name).annotate(**_SUMS))
-    per_group: dict[Any, int] = defaultdict(int)
-    for g in grouped:
-        per_group[g[name]] += (g["prompt_tokens"] or 0) + (g["completion_tokens"] or 0)
-    labels = _labels(group, per_group)
-    ranked = sorted(per_group, key=lambda v: (-per_group[v], labels.get(v, str(v))))
-    shown = ranked[:CHART_SERIES] if len(ranked) <= CHART_SERIES else ranked[: CHART_SERIES - 1]
+    shown = [g[name] for g in (ranked[:CHART_SERIES] if len(ranked) <= CHART_SERIES else ranked[: CHART_SERIES - 1])]
     other = _("Other")
     tokens: dict[str, list[int]] = {labels.get(v, str(v)): [0] * len(buckets) for v in shown}
     requests, errors = [0] * len(buckets), [0] * len(buckets)
-    for g in grouped:
+    # One row per bucket and shown group, plus one per bucket for all the others together (NULL):
+    # a few hundred rows, where grouping by bucket and group would return one per key and day.
+    member = Case(When(**{f"{name}__in": shown}, then=F(name)), default=None)
+    per_bucket = (
+        rows.annotate(shown_group=member).values("start", "shown_group").annotate(**_SUMS).order_by() if shown else []
+    )
+    for g in per_bucket:
         i = index.get(g["start"].astimezone(UTC))
         if i is None:
             continue
-        label = labels.get(g[name], str(g[name])) if g[name] in shown else other
-        tokens.setdefault(label, [0] * len(buckets))[i] += (g["prompt_tokens"] or 0) + (g["completion_tokens"] or 0)
+        value = g["shown_group"]
+        label = other if value is None else labels.get(value, str(value))
+        tokens.setdefault(label, [0] * len(buckets))[i] += _tokens(g)
         requests[i] += g["requests"] or 0
         errors[i] += g["errors"] or 0
     return {
@@ -210,6 +248,31 @@ def series(rows: QuerySet[UsageRollup], group: str, span: Range) -> dict[str, An
         "requests": [{"label": _("Requests"), "data": requests}, {"label": _("Errors"), "data": errors}],
         "axis": {"tokens": _("Tokens"), "requests": _("Requests")},
     }
+
+
+def series(rows: QuerySet[UsageRollup], group: str, span: Range) -> dict[str, Any]:
+    """Chart data: bucket labels, tokens per bucket stacked by group (the largest ``CHART_SERIES``
+    groups, the rest as "Other"), and requests and errors per bucket."""
+    name, grouped = _grouped(rows, group)
+    ranked, labels = _ranked(group, name, grouped, CHART_SERIES)
+    return _chart(rows, name, span, ranked, labels)
+
+
+@dataclass
+class Report:
+    totals: Totals
+    breakdown: list[Totals]
+    chart: dict[str, Any]
+
+
+def report(rows: QuerySet[UsageRollup], group: str, span: Range, limit: int | None = None) -> Report:
+    """What a usage page shows, from two queries over ``rows``: the totals and the breakdown (``limit``
+    as in ``breakdown``) from one grouped by ``group``, the chart from one grouped by bucket. The same
+    figures as ``totals``, ``breakdown`` and ``series``, which read the rows three times."""
+    name, grouped = _grouped(rows, group)
+    ranked, labels = _ranked(group, name, grouped, max(limit or len(grouped), CHART_SERIES))
+    return Report(_summed(_("Total"), grouped), _breakdown(name, ranked, labels, limit),
+                  _chart(rows, name, span, ranked, labels))  # fmt: skip
 
 
 def _cell(value: Any) -> Any:
@@ -230,17 +293,33 @@ USAGE_CSV_HEADER = [
 ]  # fmt: skip
 
 
-def usage_csv(rows: QuerySet[UsageRollup]) -> Iterator[str]:
-    """CSV lines: a header, then one line per roll-up row (oldest first)."""
+_CSV_FIELDS = ("period", "start", "department_id", "department__name", "api_key_id", "model", "requests", "errors",
+               "prompt_tokens", "completion_tokens", "latency_ms_sum", "ttft_ms_sum", "ttft_count")  # fmt: skip
+
+
+def usage_csv(rows: QuerySet[UsageRollup], span: Range | None = None) -> Iterator[str]:
+    """CSV lines: a header, then one line per roll-up row (oldest first). Given the ``span`` of the
+    rows, they are read a day at a time, so the first lines go out without sorting the whole range."""
     writer = csv.writer(_Echo())
     yield writer.writerow(USAGE_CSV_HEADER)
-    rows = rows.select_related("department", "api_key").order_by("start", "department__name", "api_key_id", "model")
-    for r in rows.iterator(chunk_size=2000):
-        line = [r.period, r.start.astimezone(UTC).isoformat(), r.department_id, _cell(r.department.name),
-                r.api_key_id, _cell(str(r.api_key)), _cell(r.model), r.requests, r.errors, r.prompt_tokens,
-                r.completion_tokens, r.prompt_tokens + r.completion_tokens, round(r.latency_ms_sum, 3),
-                round(r.ttft_ms_sum, 3), r.ttft_count]  # fmt: skip
-        yield writer.writerow(line)
+    ordered = rows.order_by("start", "department__name", "api_key_id", "model").values_list(*_CSV_FIELDS)
+    parts: Iterable[QuerySet] = [ordered]
+    if span is not None:
+        days = [span.since + timedelta(days=n) for n in range(span.days)]
+        parts = (ordered.filter(start__gte=day, start__lt=day + timedelta(days=1)) for day in days)
+    key_labels: dict[int, str] = {}
+    for part in parts:
+        lines = part.iterator(chunk_size=2000)
+        while batch := list(islice(lines, 2000)):
+            missing = {row[4] for row in batch} - key_labels.keys()
+            if missing:
+                key_labels.update((k.pk, str(k)) for k in ApiKey.objects.filter(pk__in=missing).only("name", "key_id"))
+            for (period, start, department_id, department, key_id, model, requests, errors, prompt, completion,
+                 latency, ttft, ttft_count) in batch:  # fmt: skip
+                yield writer.writerow([period, start.astimezone(UTC).isoformat(), department_id, _cell(department),
+                                       key_id, _cell(key_labels[key_id]), _cell(model), requests, errors, prompt,
+                                       completion, prompt + completion, round(latency, 3), round(ttft, 3),
+                                       ttft_count])  # fmt: skip
 
 
 # Chargeback

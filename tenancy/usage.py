@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Sum
 
 STREAM = "usage:stream"
@@ -113,8 +113,13 @@ def _write(messages: list[tuple[str, dict[str, str]]]) -> int:
         seen = set(
             UsageRecord.objects.filter(stream_id__in=[mid for mid, _ in messages]).values_list("stream_id", flat=True)
         )
-        departments = set(Department.objects.values_list("pk", flat=True))
-        keys = set(ApiKey.objects.filter(department_id__in=departments).values_list("pk", flat=True))
+        named = [(_int_or_none(f.get("d", "")), _int_or_none(f.get("k", ""))) for _, f in messages]
+        departments = set(Department.objects.filter(pk__in={d for d, _ in named if d}).values_list("pk", flat=True))
+        keys = set(
+            ApiKey.objects.filter(pk__in={k for _, k in named if k}, department_id__in=departments).values_list(
+                "pk", flat=True
+            )
+        )
         records = []
         for mid, fields in messages:
             if mid in seen:
@@ -181,14 +186,23 @@ def add_to_rollups(records: Iterable[Any]) -> None:
             if r.ttft_ms is not None:
                 row[5] += r.ttft_ms
                 row[6] += 1
-    for (period, start, department_id, key_id, model), row in sums.items():
-        where = {"period": period, "start": start, "department_id": department_id, "api_key_id": key_id, "model": model}
-        values = {"requests": row[0], "errors": row[1], "prompt_tokens": row[2], "completion_tokens": row[3],
-                  "latency_ms_sum": row[4], "ttft_ms_sum": row[5], "ttft_count": row[6]}  # fmt: skip
-        increments = {name: F(name) + value for name, value in values.items()}
-        updated = UsageRollup.objects.filter(**where).update(**increments)
-        if not updated:
-            UsageRollup.objects.create(**where, **values)
+    if not sums:
+        return
+    # One upsert statement run for every row: new rows inserted, existing ones incremented in the
+    # database (SQLite 3.24+ and PostgreSQL both have INSERT … ON CONFLICT DO UPDATE).
+    names = ("requests", "errors", "prompt_tokens", "completion_tokens", "latency_ms_sum", "ttft_ms_sum", "ttft_count")
+    table = connection.ops.quote_name(UsageRollup._meta.db_table)
+    columns = ("period", "start", "department_id", "api_key_id", "model", *names)
+    increments = ", ".join(f"{n} = {table}.{n} + excluded.{n}" for n in names)
+    placeholders = ", ".join(["%s"] * len(columns))
+    # Only names from the model go into the text; every value is bound.
+    sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders}) "  # noqa: S608
+    sql += f"ON CONFLICT (period, start, department_id, api_key_id, model) DO UPDATE SET {increments}"
+    adapt = connection.ops.adapt_datetimefield_value
+    rows = [(period, adapt(start), department_id, key_id, model, *row)
+            for (period, start, department_id, key_id, model), row in sums.items()]  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)
 
 
 def _touch_keys(records: list[Any]) -> None:
@@ -198,8 +212,15 @@ def _touch_keys(records: list[Any]) -> None:
     for r in records:
         if r.api_key_id is not None and r.created_at > latest.get(r.api_key_id, r.created_at - timedelta(1)):
             latest[r.api_key_id] = r.created_at
-    for key_id, at in latest.items():
-        ApiKey.objects.filter(pk=key_id).exclude(last_used_at__gte=at).update(last_used_at=at)
+    if not latest:
+        return
+    table = connection.ops.quote_name(ApiKey._meta.db_table)
+    adapt = connection.ops.adapt_datetimefield_value
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"UPDATE {table} SET last_used_at = %s WHERE id = %s AND (last_used_at IS NULL OR last_used_at < %s)",  # noqa: S608
+            [(adapt(at), key_id, adapt(at)) for key_id, at in latest.items()],
+        )
 
 
 def tokens_used(department_id: int, since: datetime) -> int:

@@ -13,6 +13,8 @@ from asgiref.sync import sync_to_async
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.handlers.asgi import ASGIRequest
+from django.core.paginator import Paginator
+from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -21,13 +23,15 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from appliance import audit
-from appliance.roles import Role, forbidden, require_role, role_of
+from appliance.roles import Role, forbidden, login_redirect, require_role, role_of
 from provisioning.models import Deployment
 from tenancy import reports
 from tenancy.forms import DepartmentForm, KeyForm, MemberForm, ModelPriceForm, MonthForm, RotateForm, UsageFilterForm
 from tenancy.models import ApiKey, Department, Membership, ModelPrice
 
 admin_only = require_role(Role.APPLIANCE_ADMIN)
+PAGE_SIZE = 50  # departments per page of the list, API keys per page of a department
+PANEL_KEY_ROWS = 25  # keys in a department page's usage table; the full report has the rest
 
 
 def can_manage_keys(user: Any, department: Department) -> bool:
@@ -40,15 +44,19 @@ def _department(request: HttpRequest, department_id: int) -> Department:
     return get_object_or_404(Department.objects.visible_to(request.user), pk=department_id)
 
 
+def _list_context(request: HttpRequest, form: DepartmentForm) -> dict[str, Any]:
+    # The keys are prefetched (ids only) for the list's key count: one query, not one per department.
+    departments = Department.objects.visible_to(request.user).prefetch_related(
+        Prefetch("api_keys", queryset=ApiKey.objects.only("pk", "department_id").order_by())
+    )
+    page = Paginator(departments, PAGE_SIZE).get_page(request.GET.get("page"))
+    return {"departments": page, "page": page, "form": form, "nav": "departments"}
+
+
 @login_required
 @require_GET
 def index(request: HttpRequest) -> HttpResponse:
-    departments = Department.objects.visible_to(request.user)
-    return render(
-        request,
-        "tenancy/list.html",
-        {"departments": departments, "form": DepartmentForm(), "nav": "departments"},
-    )
+    return render(request, "tenancy/list.html", _list_context(request, DepartmentForm()))
 
 
 @require_POST
@@ -56,8 +64,7 @@ def index(request: HttpRequest) -> HttpResponse:
 def create(request: HttpRequest) -> HttpResponse:
     form = DepartmentForm(request.POST)
     if not form.is_valid():
-        return render(request, "tenancy/list.html", {"departments": Department.objects.all(), "form": form,
-                                                     "nav": "departments"}, status=400)  # fmt: skip
+        return render(request, "tenancy/list.html", _list_context(request, form), status=400)
     department = form.save()
     audit.record(request, "department.create", department)
     return redirect("tenancy:detail", department_id=department.pk)
@@ -66,12 +73,13 @@ def create(request: HttpRequest) -> HttpResponse:
 def _usage_panel(request: HttpRequest, department: Department) -> dict[str, Any]:
     span = reports.Range.last_days(30)
     rows = reports.scoped_rollups(request.user, span, [department.pk])
+    by_model = reports.report(rows, "model", span, limit=None)
     return {
         "span": span,
-        "totals": reports.totals(rows),
-        "chart": reports.series(rows, "model", span),
-        "by_key": reports.breakdown(rows, "key"),
-        "by_model": reports.breakdown(rows, "model"),
+        "totals": by_model.totals,
+        "chart": by_model.chart,
+        "by_key": reports.breakdown(rows, "key", limit=PANEL_KEY_ROWS),
+        "by_model": by_model.breakdown,
     }
 
 
@@ -83,7 +91,9 @@ def _detail_context(request: HttpRequest, department: Department, **forms: Any) 
         "key_form": forms.get("key_form") or KeyForm(),
         "rotate_form": RotateForm(),
         "members": department.memberships.select_related("user"),
-        "keys": ApiKey.objects.visible_to(request.user).filter(department=department),
+        "keys": Paginator(ApiKey.objects.visible_to(request.user).filter(department=department), PAGE_SIZE).get_page(
+            request.GET.get("page")
+        ),
         "can_manage_keys": can_manage_keys(request.user, department),
         "usage": _usage_panel(request, department),
         "nav": "departments",
@@ -132,6 +142,8 @@ def add_member(request: HttpRequest, department_id: int) -> HttpResponse:
 @require_POST
 @never_cache
 def issue_key(request: HttpRequest, department_id: int) -> HttpResponse:
+    if not request.user.is_authenticated:  # the session expired on the department page
+        return login_redirect(request)
     department = _department(request, department_id)
     if not can_manage_keys(request.user, department):
         return forbidden(request, "api_key.issue")
@@ -156,6 +168,8 @@ def _reveal(request: HttpRequest, department: Department, raw: str) -> HttpRespo
 
 @require_POST
 def key_action(request: HttpRequest, department_id: int, key_id: int, action: str) -> HttpResponse:
+    if not request.user.is_authenticated:
+        return login_redirect(request)
     department = _department(request, department_id)
     key = get_object_or_404(ApiKey.objects.visible_to(request.user), pk=key_id, department=department)
     if not can_manage_keys(request.user, department):
@@ -216,12 +230,13 @@ def _usage_page(request: HttpRequest, form: UsageFilterForm, bad_status: int = 2
         return render(request, "tenancy/usage.html", context, status=bad_status)
     span, group = form.range(), form.cleaned_data["group"]
     rows = reports.scoped_rollups(request.user, span, form.department_ids())
+    summary = reports.report(rows, group, span, limit=reports.BREAKDOWN_ROWS)
     context.update(
         span=span,
         group=group,
-        totals=reports.totals(rows),
-        breakdown=reports.breakdown(rows, group),
-        chart=reports.series(rows, group, span),
+        totals=summary.totals,
+        breakdown=summary.breakdown,
+        chart=summary.chart,
         query=form.data.urlencode(),
     )
     return render(request, "tenancy/usage.html", context)
@@ -242,7 +257,9 @@ def usage_csv(request: HttpRequest) -> HttpResponse:
         return _usage_page(request, form, bad_status=400)
     span = form.range()
     rows = reports.scoped_rollups(request.user, span, form.department_ids())
-    return _csv_response(request, reports.usage_csv(rows), f"usage-{span.first:%Y-%m-%d}_{span.last:%Y-%m-%d}.csv")
+    return _csv_response(
+        request, reports.usage_csv(rows, span), f"usage-{span.first:%Y-%m-%d}_{span.last:%Y-%m-%d}.csv"
+    )
 
 
 def _chargeback_page(

@@ -37,6 +37,20 @@ def test_pages_need_login(client: Client) -> None:
     assert response["Location"].startswith(reverse("login"))
 
 
+def test_a_form_sent_after_the_session_expired_returns_to_its_page_after_login(client: Client, admin_user: Any) -> None:
+    from tenancy.models import Department
+
+    legal = Department.objects.create(name="Legal")
+    page = f"http://testserver/departments/{legal.pk}/"
+    for url in (reverse("tenancy:create"), reverse("tenancy:issue-key", args=[legal.pk])):
+        response = client.post(url, {"name": "x"}, HTTP_REFERER=page)
+        assert response.status_code == 302 and response["Location"] == f"/login/?next=/departments/{legal.pk}/"
+        # Not to the URL the form posts to (GET there is 405), nor to another site's page.
+        elsewhere = client.post(url, {"name": "x"}, HTTP_REFERER="http://evil.example/departments/")
+        assert elsewhere["Location"] == "/login/?next=" + url
+    assert not Department.objects.exclude(pk=legal.pk).exists()
+
+
 def test_wrong_password_is_refused_and_recorded(client: Client, admin_user: Any) -> None:
     response = login(client, "alice", "wrong")
     assert response.status_code == 200

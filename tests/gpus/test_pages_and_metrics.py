@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -10,7 +11,7 @@ from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
 from appliance.models import AuditEvent
-from gpus.collect import collect
+from gpus.collect import _simulated_processes, collect
 from gpus.models import Alert, Gpu
 from gpus.probe import NvmlProbe, SimulatedProbe
 from tests.gpus.fake_nvml import FakeNvml
@@ -99,3 +100,21 @@ def test_overview_summary(admin_client: Client) -> None:
     html = admin_client.get("/").content.decode()
     assert "2 of 3 GPUs healthy" in html and "1 critical" in html
     assert Gpu.objects.filter(health="critical").count() == 1
+
+
+def test_simulated_gpus_list_the_running_replicas(admin_client: Client, deployment_factory: Any, settings: Any) -> None:
+    from provisioning.models import Replica
+
+    settings.GPU_SIMULATED_COUNT = 2
+    tiny = deployment_factory("tiny", gpu_memory_fraction=0.25)
+    Replica.objects.create(deployment=tiny, ordinal=0, node=settings.NODE_NAME, state="ready", pid=os.getpid())
+    Replica.objects.create(deployment=tiny, ordinal=1, node=settings.NODE_NAME, state="stopped")
+    big = deployment_factory("big", gpu_memory_fraction=0.5)
+    Replica.objects.create(deployment=big, ordinal=0, node=settings.NODE_NAME, state="starting", pid=1, gpu_ids=[1])
+    collect(SimulatedProbe(count=2, processes=_simulated_processes))
+    gpus = {gpu.index: gpu.latest["processes"] for gpu in Gpu.objects.all()}
+    # A CPU engine (no GPU placed) on GPU ordinal % count; a placed one on its GPUs; stopped ones nowhere.
+    assert gpus[0] == [{"pid": os.getpid(), "memory": 20 * 1024**3, "pgid": os.getpgid(0)}]
+    assert [p["pid"] for p in gpus[1]] == [1]
+    html = admin_client.get(reverse("gpus:list")).content.decode()
+    assert "tiny#0" in html and "big#0" in html and "tiny#1" not in html
