@@ -14,7 +14,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 
 from tenancy import keys as key_format
 from tenancy.limiter import Limits
@@ -67,6 +67,20 @@ class _Entry:
 def _timestamp(*moments: datetime | None) -> float | None:
     present = [m.timestamp() for m in moments if m is not None]
     return min(present) if present else None
+
+
+def _closing(load: Any) -> Any:
+    """Run a loader in a pool thread and close that thread's connections after: a loaded entry lives
+    half a second, and an idle connection held per thread would outlive the gateway (and block a
+    test database's teardown)."""
+
+    def run(*args: Any) -> Any:
+        try:
+            return load(*args)
+        finally:
+            connections.close_all()
+
+    return run
 
 
 def _load_key(key_id: str) -> KeyInfo | None:
@@ -131,7 +145,7 @@ class Directory:
             entry = _Entry(None, 0.0)
         entry.loading = asyncio.get_running_loop().create_future()
         try:
-            value = await sync_to_async(load, thread_sensitive=False)(*args)
+            value = await sync_to_async(_closing(load), thread_sensitive=False)(*args)
         except BaseException as exc:
             entry.loading.set_exception(exc)
             entry.loading.exception()  # retrieved: no "never retrieved" warning when nobody else waited
