@@ -107,9 +107,9 @@ def through_gateway(url: str, redis_db: Any) -> openai.OpenAI:
     # Billed either way: cut short (499, prompt + what was generated) or, when the tiny model (about
     # 1 ms a token) finished before the close reached the gateway, whole. The cut itself is tested
     # deterministically against the FAKE engine in tests/gateway/.
-    assert wait_for(lambda: usage.drain(redis_db) >= 0 and UsageRecord.objects.filter(completion_tokens__gt=8)
-                    .exists(), 10)  # fmt: skip
-    left = UsageRecord.objects.get(completion_tokens__gt=8)
+    chats = UsageRecord.objects.filter(department=department, endpoint="chat/completions")
+    assert wait_for(lambda: usage.drain(redis_db) >= 0 and chats.count() == 3, 10), list(chats.values())
+    left = chats.latest("created_at")  # recorded when it ended: after the two chats before it
     assert left.prompt_tokens > 0
     assert (left.status == 499 and 0 < left.completion_tokens < 440) or (left.status, left.completion_tokens) == (
         200, 440), (left.status, left.completion_tokens)  # fmt: skip
