@@ -43,10 +43,6 @@ class Gate:
         self._waiters: list[tuple[int, int, asyncio.Future]] = []
         self._order = itertools.count()
 
-    @property
-    def waiting(self) -> int:
-        return sum(1 for *_, f in self._waiters if not f.done())
-
     def limit(self, rank: int, now: float) -> int:
         """How many requests may be in flight when one of class ``rank`` is admitted."""
         if any(now - seen < self.window for seen in self.last_seen[:rank]):

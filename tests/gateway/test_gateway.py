@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -237,47 +239,53 @@ def test_no_ready_replica_gives_503(tenant: Tenant) -> None:
     assert error.value.status_code == 503 and error.value.body["code"] == "no_replica_ready"
 
 
+@contextmanager
+def own_gateway() -> Iterator[ServerThread]:
+    """A gateway of the test's own, made after the test changed settings (a fixture's is made before)."""
+    app = GatewayApp()
+    server = ServerThread(app, app.close).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def department_on(deployment_factory: Any, engine: FakeEngineProcess, name: str = "Ops") -> str:
+    """Deployment 'tiny' on ``engine``, a department allowed to use it; returns its key."""
+    deployment = deployment_factory(name="tiny")
+    add_replica(deployment, engine.port, engine.key)
+    department = Department.objects.create(name=name)
+    department.deployments.add(deployment)
+    return ApiKey.issue(department, "bot")[1]
+
+
 def test_redis_unreachable_fails_closed(deployment_factory: Any, engine: FakeEngineProcess, settings: Any) -> None:
     settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
-    app = GatewayApp()
-    app_server = ServerThread(app, app.close).start()
-    try:
-        deployment = deployment_factory(name="tiny")
-        add_replica(deployment, engine.port, engine.key)
-        department = Department.objects.create(name="Ops")
-        department.deployments.add(deployment)
-        _, raw = ApiKey.issue(department, "bot")
+    with own_gateway() as app_server:
+        raw = department_on(deployment_factory, engine)
         response = httpx.post(app_server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {raw}"},
                               json={"model": "tiny", "messages": HELLO}, timeout=15)  # fmt: skip
         assert response.status_code == 503 and response.json()["error"]["code"] == "quota_unavailable"
-    finally:
-        app_server.stop()
 
 
 def test_client_disconnect_mid_stream_is_billed(deployment_factory: Any, redis_db: redis.Redis) -> None:
     slow = FakeEngineProcess(token_delay=0.05, tokens=200).start()
-    app = GatewayApp()
-    server = ServerThread(app, app.close).start()
     try:
-        deployment = deployment_factory(name="tiny")
-        add_replica(deployment, slow.port, slow.key)
-        department = Department.objects.create(name="Ops")
-        department.deployments.add(deployment)
-        _, raw = ApiKey.issue(department, "bot")
-        body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "stream": True}
-        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {raw}"}, timeout=10) as response:  # fmt: skip
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            received = [line for line, _ in zip(lines, range(10), strict=False) if line.startswith("data: ")]
-        assert len(received) >= 4
-        assert wait(lambda: slow.stats()["disconnected"] == 1), "the upstream request was not cancelled"
-        assert wait(lambda: bool(drained(redis_db)))
-        (record,) = drained(redis_db)
-        assert record.status == 499 and record.error == "client_disconnected"
-        assert 4 <= record.completion_tokens < 200 and record.prompt_tokens > 0
+        with own_gateway() as server:
+            raw = department_on(deployment_factory, slow)
+            body = {"model": "tiny", "messages": HELLO, "max_tokens": 200, "stream": True}
+            with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                              headers={"Authorization": f"Bearer {raw}"}, timeout=10) as response:  # fmt: skip
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                received = [line for line, _ in zip(lines, range(10), strict=False) if line.startswith("data: ")]
+            assert len(received) >= 4
+            assert wait(lambda: slow.stats()["disconnected"] == 1), "the upstream request was not cancelled"
+            assert wait(lambda: bool(drained(redis_db)))
+            (record,) = drained(redis_db)
+            assert record.status == 499 and record.error == "client_disconnected"
+            assert 4 <= record.completion_tokens < 200 and record.prompt_tokens > 0
     finally:
-        server.stop()
         slow.kill()
 
 
