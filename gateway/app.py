@@ -35,7 +35,10 @@ from tenancy.limiter import AsyncLimiter, Decision
 
 log = logging.getLogger(__name__)
 VLLM_PRIORITY = {0: -10, 1: 0, 2: 10}  # vLLM: lower runs earlier
-CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# An engine that died or was killed: its connection refused, reset or closed, or its answer cut short
+# (a pooled connection it reset, ClientConnectionResetError; a body short of its length,
+# ClientPayloadError). A read timeout is a slow engine, not a dead one: it is not retried.
+UPSTREAM_FAILED = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 
 
 @dataclass
@@ -332,11 +335,14 @@ class GatewayApp:
                     else:
                         await self.relay_whole(call, response, send)
                 return
-            except CONNECT_ERRORS as exc:
+            except aiohttp.SocketTimeoutError as exc:
+                raise GatewayError(504, "The engine did not answer in time.", "upstream_timeout") from exc
+            except UPSTREAM_FAILED as exc:
                 if call.response_started:
                     raise GatewayError(502, "The engine closed the connection mid-answer.", "upstream_failed") from exc
-                log.warning("replica %s unreachable (%s); trying another", replica.pk, type(exc).__name__)
+                log.warning("replica %s failed (%s); trying another", replica.pk, type(exc).__name__)
                 state.balancer.mark_down(replica.pk)
+                call.first_byte, call.chunks, call.prompt_tokens, call.completion_tokens = None, 0, 0, 0
             finally:
                 state.balancer.outstanding[replica.pk] -= 1
 

@@ -4,6 +4,8 @@ process (so it reads the test database), and fake_engine.py in a subprocess."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -92,3 +94,45 @@ class FakeEngineProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+class BrokenEngine:
+    """A FAKE engine that fails in one named way, as an engine killed mid-request does: ``reset``
+    drops the connection (RST) once the request has arrived; ``truncate`` sends the head of a JSON
+    answer and then closes; ``truncate_stream`` sends one event of a stream and then closes. It
+    counts the requests it got in ``hits``."""
+
+    HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n%s\r\n"
+
+    def __init__(self, mode: str) -> None:
+        assert mode in ("reset", "truncate", "truncate_stream"), mode
+        self.mode, self.port, self.hits = mode, free_port(), 0
+        self.key = "broken-secret"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.hits += 1
+        if self.mode == "truncate":
+            writer.write(self.HEAD % (b"application/json", b"Content-Length: 400\r\n") + b'{"id": "cmpl-')
+        elif self.mode == "truncate_stream":
+            event = b'data: {"choices": [{"index": 0, "delta": {"content": "tok "}}]}\n\n'
+            writer.write(self.HEAD % (b"text/event-stream", b"Transfer-Encoding: chunked\r\n")
+                         + b"%x\r\n%s\r\n" % (len(event), event))  # fmt: skip
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+        writer.transport.abort()
+
+    def start(self) -> BrokenEngine:
+        self.thread.start()
+        started = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._serve, "127.0.0.1", self.port), self.loop)
+        self.server = started.result(10)
+        return self
+
+    def stop(self) -> None:
+        self.server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

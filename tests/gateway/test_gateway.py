@@ -19,10 +19,11 @@ import redis
 from django.utils import timezone
 
 from gateway.app import GatewayApp
+from provisioning.models import Deployment
 from tenancy import usage
 from tenancy.models import ApiKey, Department, UsageRecord
 from tests.gateway.conftest import Tenant, add_replica
-from tests.gateway.helpers import FakeEngineProcess, ServerThread
+from tests.gateway.helpers import BrokenEngine, FakeEngineProcess, ServerThread
 
 pytestmark = pytest.mark.django_db(transaction=True)
 HELLO = [{"role": "user", "content": "hello"}]
@@ -320,6 +321,64 @@ def test_failover_when_a_replica_dies_mid_load(tenant: Tenant, engine: FakeEngin
     assert results == [200] * 60
 
 
+@pytest.mark.parametrize("mode", ["reset", "truncate"])
+def test_a_replica_that_fails_before_answering_is_left_for_another(
+    tenant: Tenant, redis_db: redis.Redis, mode: str
+) -> None:
+    """An engine killed while it holds a request: the connection is reset, or the answer is cut
+    before the client saw any of it. The request goes to another replica instead of failing."""
+    tenant.deployment.replica_set.update(ordinal=5)  # the broken replica comes first in the route
+    broken = BrokenEngine(mode).start()
+    try:
+        add_replica(tenant.deployment, broken.port, broken.key, ordinal=0)
+        time.sleep(0.6)
+        answers = [post(tenant, {"model": "tiny", "messages": HELLO, "max_tokens": 4}) for _ in range(3)]
+    finally:
+        broken.stop()
+    assert broken.hits == 1  # tried once, then left alone while marked down
+    assert [a.status_code for a in answers] == [200] * 3, answers[0].text
+    assert [(r.status, r.error) for r in drained(redis_db)] == [(200, "")] * 3
+
+
+def test_an_engine_that_dies_mid_stream_ends_the_stream_and_is_recorded(tenant: Tenant, redis_db: redis.Redis) -> None:
+    tenant.deployment.replica_set.all().delete()
+    broken = BrokenEngine("truncate_stream").start()
+    try:
+        add_replica(tenant.deployment, broken.port, broken.key, ordinal=0)
+        time.sleep(0.6)
+        events = []
+        with pytest.raises(httpx.RemoteProtocolError):  # the stream ends without its last chunk
+            with httpx.stream("POST", tenant.url + "/v1/chat/completions", headers={
+                    "Authorization": f"Bearer {tenant.raw}"}, json={"model": "tiny", "messages": HELLO,
+                    "stream": True}, timeout=10) as response:  # fmt: skip
+                assert response.status_code == 200
+                events.extend(response.iter_lines())
+    finally:
+        broken.stop()
+    assert events[0].startswith("data: ") and "[DONE]" not in "".join(events)
+    assert [(r.status, r.error) for r in drained(redis_db)] == [(502, "upstream_failed")]
+
+
+def test_an_engine_too_slow_to_answer_gets_504_and_is_not_retried(
+    deployment_factory: Any, settings: Any, redis_db: redis.Redis
+) -> None:
+    settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS = 0.3
+    slow = FakeEngineProcess(first_delay=2).start()
+    other = FakeEngineProcess(key="other-secret").start()
+    try:
+        raw = department_on(deployment_factory, slow)
+        add_replica(Deployment.objects.get(), other.port, other.key, ordinal=1)
+        with own_gateway() as server:
+            response = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO},
+                                  headers={"Authorization": f"Bearer {raw}"}, timeout=10)  # fmt: skip
+        assert response.status_code == 504 and response.json()["error"]["code"] == "upstream_timeout"
+        assert len(slow.seen()) == 1 and other.seen() == []  # a slow engine is busy, not dead: not sent twice
+        assert [(r.status, r.error) for r in drained(redis_db)] == [(504, "upstream_timeout")]
+    finally:
+        slow.kill()
+        other.kill()
+
+
 def test_priority_passed_to_engines_that_schedule_by_it(tenant: Tenant, engine: FakeEngineProcess) -> None:
     post(tenant, {"model": "tiny", "messages": HELLO, "priority": -100})
     assert "priority" not in engine.seen()[-1]["body"]  # clients cannot set their own
@@ -336,7 +395,7 @@ def test_saturated_deployment_queues_high_priority_first(
 ) -> None:
     settings.GATEWAY_REPLICA_CAPACITY = 1
     settings.GATEWAY_QUEUE_SECONDS = 5
-    slow = FakeEngineProcess(token_delay=0.02, tokens=10).start()
+    slow = FakeEngineProcess(token_delay=0.05, tokens=10).start()  # half a second a request
     app = GatewayApp()
     server = ServerThread(app, app.close).start()
     try:
@@ -355,13 +414,19 @@ def test_saturated_deployment_queues_high_priority_first(
             assert response.status_code == 200
             finished.append(priority)
 
-        threads = [threading.Thread(target=call, args=("low",))]  # takes the only slot
-        threads[0].start()
-        time.sleep(0.08)
-        for priority in ("low", "low", "high"):  # queue behind it: two low first, then a high
-            threads.append(threading.Thread(target=call, args=(priority,)))
+        for priority in ("high", "low"):  # keys and route loaded, connections open: what follows is the gate
+            call(priority)
+        finished.clear()
+        (state,) = app._states.values()
+        gate = state.balancer.gates[deployment.pk]
+        threads = []
+        for waiting, priority in enumerate(("low", "low", "low", "high")):  # one takes the only slot,
+            threads.append(threading.Thread(target=call, args=(priority,)))  # two low wait, then a high
             threads[-1].start()
-            time.sleep(0.03)
+            if waiting == 0:
+                assert wait(lambda: slow.stats()["in_flight"] == 1)
+            else:
+                assert wait(lambda n=waiting: len(gate._waiters) == n)
         for thread in threads:
             thread.join()
         assert finished[:2] == ["low", "high"], finished  # the high one overtook both waiting low ones
@@ -370,7 +435,7 @@ def test_saturated_deployment_queues_high_priority_first(
         settings.GATEWAY_QUEUE_SECONDS = 0
         hold = threading.Thread(target=call, args=("low",))
         hold.start()
-        time.sleep(0.08)
+        assert wait(lambda: slow.stats()["in_flight"] == 1)
         refused = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO},
                              headers={"Authorization": f"Bearer {raws['high']}"}, timeout=30)  # fmt: skip
         hold.join()
@@ -388,7 +453,7 @@ def test_keys_never_reach_logs_or_errors(tenant: Tenant, caplog: Any, engine: Fa
         assert response.status_code == 503
         assert tenant.raw not in response.text and engine.key not in response.text
         assert tenant.raw not in caplog.text and engine.key not in caplog.text
-        assert "unreachable" in caplog.text
+        assert "failed (ClientConnectorError); trying another" in caplog.text
     finally:
         engine.start()
 
