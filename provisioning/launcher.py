@@ -147,18 +147,24 @@ def start(command: list[str], env: dict[str, str], log_path: Path) -> int:
 
 def process_marker(pid: int) -> str | None:
     """The "<node>:<replica id>" a process was started for, or None if it is gone or not ours."""
+    return _read_marker(pid)[0]
+
+
+def _read_marker(pid: int) -> tuple[str | None, bool]:
+    """(marker or None, whether the process is live with an empty environment: between the two
+    halves of an exec, or a kernel thread)."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None
+        return None, False
     if stat.rsplit(")", 1)[-1].split()[0] == "Z":
         _reap(pid)
-        return None
+        return None, False
     for entry in environ.split(b"\0"):
         if entry.startswith(MARKER.encode() + b"="):
-            return entry.split(b"=", 1)[1].decode()
-    return None
+            return entry.split(b"=", 1)[1].decode(), False
+    return None, environ == b""
 
 
 def _reap(pid: int) -> None:
@@ -168,8 +174,18 @@ def _reap(pid: int) -> None:
         pass  # not our child: init reaps it
 
 
-def alive(pid: int | None, marker: str) -> bool:
-    return pid is not None and process_marker(pid) == marker
+def alive(pid: int | None, marker: str, settle_seconds: float = 0.5) -> bool:
+    """Whether ``pid`` is still the process started for ``marker``. A process in the middle of an
+    exec (an engine started through a wrapper script, ``#!/usr/bin/env python3``) shows an empty
+    environment for a moment; that is waited out for up to ``settle_seconds``, not taken as a death."""
+    if pid is None:
+        return False
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        found, pending = _read_marker(pid)
+        if not pending or time.monotonic() >= deadline:
+            return found == marker
+        time.sleep(0.002)
 
 
 def our_processes() -> dict[int, str]:

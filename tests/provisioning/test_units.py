@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -9,6 +13,7 @@ import pytest
 from gpus.collect import collect
 from gpus.models import Gpu
 from gpus.probe import SimulatedProbe
+from provisioning import launcher
 from provisioning.launcher import ArgumentRefused, build_command, build_environment, check_extra_args
 from provisioning.models import Deployment, EngineRuntime, Replica
 from provisioning.placement import PlacementRefused, place
@@ -108,3 +113,32 @@ def test_cpu_placement_checks_system_memory(tiny_model: Any, fake_runtime: Engin
     )
     with pytest.raises(PlacementRefused, match="Not enough memory"):
         place(greedy)
+
+
+def test_an_engine_started_through_a_wrapper_is_alive_while_it_execs() -> None:
+    """``#!/usr/bin/env python3`` execs twice; between the halves /proc shows an empty environment.
+    Watching from the first moment, the replica must never look dead (it would be restarted)."""
+    marker = launcher.marker_value("testnode", 999_999)
+    env = {**os.environ, launcher.MARKER: marker}
+    for _ in range(6):
+        process = subprocess.Popen(["/usr/bin/env", sys.executable, "-c", "import time; time.sleep(30)"], env=env,
+                                   start_new_session=True)  # fmt: skip
+        try:
+            until = time.monotonic() + 0.2
+            while time.monotonic() < until:
+                assert launcher.alive(process.pid, marker)
+        finally:
+            process.kill()
+            process.wait()
+        assert not launcher.alive(process.pid, marker)  # gone: answered at once, not after the settle time
+
+
+def test_a_process_that_is_not_ours_is_not_alive() -> None:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = time.monotonic()
+        assert not launcher.alive(process.pid, launcher.marker_value("testnode", 1))
+        assert time.monotonic() - started < 0.1
+    finally:
+        process.kill()
+        process.wait()
