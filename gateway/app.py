@@ -35,6 +35,7 @@ from tenancy.limiter import AsyncLimiter, Decision
 
 log = logging.getLogger(__name__)
 VLLM_PRIORITY = {0: -10, 1: 0, 2: 10}  # vLLM: lower runs earlier
+CLOSE_WAIT_SECONDS = 5.0  # how long an engine may take to close a stream after its [DONE]
 # An engine that died or was killed: its connection refused, reset or closed, or its answer cut short
 # (a pooled connection it reset, ClientConnectionResetError; a body short of its length,
 # ClientPayloadError). A read timeout is a slow engine, not a dead one: it is not retried.
@@ -296,8 +297,11 @@ class GatewayApp:
                     return
                 message = watcher.result()
                 if message["type"] == "http.disconnect":
-                    if call.finished:
-                        await forward
+                    if call.finished:  # the client has its whole answer: a finished request, not a 499
+                        try:
+                            await asyncio.wait_for(forward, CLOSE_WAIT_SECONDS)
+                        except TimeoutError:
+                            pass  # an engine slow to close a stream it ended: not the client's doing
                         return
                     forward.cancel()
                     try:
@@ -393,6 +397,8 @@ class GatewayApp:
                     *call.rate_headers]})  # fmt: skip
                 call.response_started = True
             await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            if out[-1].startswith(b"data: [DONE]"):
+                call.finished = True  # clients close as soon as they read it; what the engine sends after is nothing
         call.finished = True
         if not call.response_started:
             call.response_started = True

@@ -6,6 +6,7 @@ requests it got (``GET /_fake/requests``) and how many streams lost their client
 (``GET /_fake/stats``) so tests can see what the gateway sent.
 
     python -m tests.gateway.fake_engine --port 9001 --key secret [--token-delay 0.01] [--tokens 16]
+        [--first-delay 0] [--linger 0]
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ def _prompt_tokens(body: dict[str, Any]) -> int:
 
 
 class FakeEngine:
-    def __init__(self, key: str, tokens: int = 16, token_delay: float = 0.0, first_delay: float = 0.0) -> None:
+    def __init__(
+        self, key: str, tokens: int = 16, token_delay: float = 0.0, first_delay: float = 0.0, linger: float = 0.0
+    ) -> None:
         self.key = f"Bearer {key}".encode()
         self.tokens, self.token_delay, self.first_delay = tokens, token_delay, first_delay
+        self.linger = linger  # seconds a stream stays open after its [DONE]
         self.requests: deque[dict[str, Any]] = deque(maxlen=200)
         self.disconnected = 0
         self.in_flight = 0
@@ -118,6 +122,8 @@ class FakeEngine:
                          "usage": _usage(prompt, count)}  # fmt: skip
                 await response.write(b"data: " + orjson.dumps(final) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
+            if self.linger:
+                await asyncio.sleep(self.linger)
         except (ConnectionResetError, asyncio.CancelledError):
             self.disconnected += 1
             raise
@@ -131,8 +137,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--token-delay", type=float, default=0.0)
     parser.add_argument("--first-delay", type=float, default=0.0)
+    parser.add_argument("--linger", type=float, default=0.0)
     args = parser.parse_args()
-    engine = FakeEngine(args.key, args.tokens, args.token_delay, args.first_delay)
+    engine = FakeEngine(args.key, args.tokens, args.token_delay, args.first_delay, args.linger)
     web.run_app(engine.app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
 
 

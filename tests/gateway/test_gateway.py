@@ -359,6 +359,24 @@ def test_an_engine_that_dies_mid_stream_ends_the_stream_and_is_recorded(tenant: 
     assert [(r.status, r.error) for r in drained(redis_db)] == [(502, "upstream_failed")]
 
 
+def test_a_client_that_leaves_right_after_done_had_its_whole_answer(
+    deployment_factory: Any, redis_db: redis.Redis
+) -> None:
+    """The openai client closes the connection as soon as it reads [DONE]; an engine may close its
+    stream a moment later. That is a finished answer (200), not a client that left (499)."""
+    lingering = FakeEngineProcess(linger=1.0).start()
+    try:
+        raw = department_on(deployment_factory, lingering)
+        with own_gateway() as server:
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key=raw, max_retries=0)
+            chunks = list(client.chat.completions.create(model="tiny", messages=HELLO, max_tokens=5, stream=True))
+            assert len(chunks) == 5
+            assert wait(lambda: len(drained(redis_db)) == 1)
+        assert [(r.status, r.error, r.completion_tokens) for r in UsageRecord.objects.all()] == [(200, "", 5)]
+    finally:
+        lingering.kill()
+
+
 def test_an_engine_too_slow_to_answer_gets_504_and_is_not_retried(
     deployment_factory: Any, settings: Any, redis_db: redis.Redis
 ) -> None:
