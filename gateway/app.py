@@ -342,6 +342,9 @@ class GatewayApp:
             except aiohttp.SocketTimeoutError as exc:
                 raise GatewayError(504, "The engine did not answer in time.", "upstream_timeout") from exc
             except UPSTREAM_FAILED as exc:
+                if call.finished:  # the engine went away after its [DONE]: the client has the whole answer
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    return
                 if call.response_started:
                     raise GatewayError(502, "The engine closed the connection mid-answer.", "upstream_failed") from exc
                 log.warning("replica %s failed (%s); trying another", replica.pk, type(exc).__name__)

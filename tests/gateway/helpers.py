@@ -99,13 +99,14 @@ class FakeEngineProcess:
 class BrokenEngine:
     """A FAKE engine that fails in one named way, as an engine killed mid-request does: ``reset``
     drops the connection (RST) once the request has arrived; ``truncate`` sends the head of a JSON
-    answer and then closes; ``truncate_stream`` sends one event of a stream and then closes. It
+    answer and then closes; ``truncate_stream`` sends one event of a stream and then closes;
+    ``reset_after_done`` sends a whole stream, ``[DONE]`` included, and resets before its last chunk. It
     counts the requests it got in ``hits``."""
 
     HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\n%s\r\n"
 
     def __init__(self, mode: str) -> None:
-        assert mode in ("reset", "truncate", "truncate_stream"), mode
+        assert mode in ("reset", "truncate", "truncate_stream", "reset_after_done"), mode
         self.mode, self.port, self.hits = mode, free_port(), 0
         self.key = "broken-secret"
         self.loop = asyncio.new_event_loop()
@@ -116,8 +117,10 @@ class BrokenEngine:
         self.hits += 1
         if self.mode == "truncate":
             writer.write(self.HEAD % (b"application/json", b"Content-Length: 400\r\n") + b'{"id": "cmpl-')
-        elif self.mode == "truncate_stream":
+        elif self.mode in ("truncate_stream", "reset_after_done"):
             event = b'data: {"choices": [{"index": 0, "delta": {"content": "tok "}}]}\n\n'
+            if self.mode == "reset_after_done":
+                event += b"data: [DONE]\n\n"
             writer.write(self.HEAD % (b"text/event-stream", b"Transfer-Encoding: chunked\r\n")
                          + b"%x\r\n%s\r\n" % (len(event), event))  # fmt: skip
         await writer.drain()

@@ -377,6 +377,22 @@ def test_a_client_that_leaves_right_after_done_had_its_whole_answer(
         lingering.kill()
 
 
+def test_an_engine_that_dies_after_its_done_answered_in_full(tenant: Tenant, redis_db: redis.Redis) -> None:
+    tenant.deployment.replica_set.all().delete()
+    broken = BrokenEngine("reset_after_done").start()
+    try:
+        add_replica(tenant.deployment, broken.port, broken.key, ordinal=0)
+        time.sleep(0.6)
+        with httpx.stream("POST", tenant.url + "/v1/chat/completions", headers={
+                "Authorization": f"Bearer {tenant.raw}"}, json={"model": "tiny", "messages": HELLO,
+                "stream": True}, timeout=10) as response:  # fmt: skip
+            events = [line for line in response.iter_lines() if line]  # the body ends cleanly
+    finally:
+        broken.stop()
+    assert events[-1] == "data: [DONE]" and response.status_code == 200
+    assert [(r.status, r.error) for r in drained(redis_db)] == [(200, "")]
+
+
 def test_an_engine_too_slow_to_answer_gets_504_and_is_not_retried(
     deployment_factory: Any, settings: Any, redis_db: redis.Redis
 ) -> None:
