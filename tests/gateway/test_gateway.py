@@ -327,40 +327,47 @@ def test_failover_when_a_replica_dies_mid_load(tenant: Tenant, engine: FakeEngin
     assert results == [200] * 60
 
 
+@contextmanager
+def broken_replica(tenant: Tenant, mode: str, alone: bool = False) -> Iterator[BrokenEngine]:
+    """A BrokenEngine (``mode``) as the first replica of ``tenant``'s deployment, or its only one."""
+    if alone:
+        tenant.deployment.replica_set.all().delete()
+    else:
+        tenant.deployment.replica_set.update(ordinal=5)  # the broken one comes first in the route
+    broken = BrokenEngine(mode).start()
+    try:
+        add_replica(tenant.deployment, broken.port, broken.key, ordinal=0)
+        time.sleep(0.6)  # the gateway's cache
+        yield broken
+    finally:
+        broken.stop()
+
+
+def stream_chat(tenant: Tenant) -> Any:
+    return httpx.stream("POST", tenant.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {tenant.raw}"},
+                        json={"model": "tiny", "messages": HELLO, "stream": True}, timeout=10)  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["reset", "truncate"])
 def test_a_replica_that_fails_before_answering_is_left_for_another(
     tenant: Tenant, redis_db: redis.Redis, mode: str
 ) -> None:
     """An engine killed while it holds a request: the connection is reset, or the answer is cut
     before the client saw any of it. The request goes to another replica instead of failing."""
-    tenant.deployment.replica_set.update(ordinal=5)  # the broken replica comes first in the route
-    broken = BrokenEngine(mode).start()
-    try:
-        add_replica(tenant.deployment, broken.port, broken.key, ordinal=0)
-        time.sleep(0.6)
+    with broken_replica(tenant, mode) as broken:
         answers = [post(tenant, {"model": "tiny", "messages": HELLO, "max_tokens": 4}) for _ in range(3)]
-    finally:
-        broken.stop()
     assert broken.hits == 1  # tried once, then left alone while marked down
     assert [a.status_code for a in answers] == [200] * 3, answers[0].text
     assert [(r.status, r.error) for r in drained(redis_db, 3)] == [(200, "")] * 3
 
 
 def test_an_engine_that_dies_mid_stream_ends_the_stream_and_is_recorded(tenant: Tenant, redis_db: redis.Redis) -> None:
-    tenant.deployment.replica_set.all().delete()
-    broken = BrokenEngine("truncate_stream").start()
-    try:
-        add_replica(tenant.deployment, broken.port, broken.key, ordinal=0)
-        time.sleep(0.6)
-        events = []
+    events = []
+    with broken_replica(tenant, "truncate_stream", alone=True):
         with pytest.raises(httpx.RemoteProtocolError):  # the stream ends without its last chunk
-            with httpx.stream("POST", tenant.url + "/v1/chat/completions", headers={
-                    "Authorization": f"Bearer {tenant.raw}"}, json={"model": "tiny", "messages": HELLO,
-                    "stream": True}, timeout=10) as response:  # fmt: skip
+            with stream_chat(tenant) as response:
                 assert response.status_code == 200
                 events.extend(response.iter_lines())
-    finally:
-        broken.stop()
     assert events[0].startswith("data: ") and "[DONE]" not in "".join(events)
     assert [(r.status, r.error) for r in drained(redis_db, 1)] == [(502, "upstream_failed")]
 
@@ -384,17 +391,8 @@ def test_a_client_that_leaves_right_after_done_had_its_whole_answer(
 
 
 def test_an_engine_that_dies_after_its_done_answered_in_full(tenant: Tenant, redis_db: redis.Redis) -> None:
-    tenant.deployment.replica_set.all().delete()
-    broken = BrokenEngine("reset_after_done").start()
-    try:
-        add_replica(tenant.deployment, broken.port, broken.key, ordinal=0)
-        time.sleep(0.6)
-        with httpx.stream("POST", tenant.url + "/v1/chat/completions", headers={
-                "Authorization": f"Bearer {tenant.raw}"}, json={"model": "tiny", "messages": HELLO,
-                "stream": True}, timeout=10) as response:  # fmt: skip
-            events = [line for line in response.iter_lines() if line]  # the body ends cleanly
-    finally:
-        broken.stop()
+    with broken_replica(tenant, "reset_after_done", alone=True), stream_chat(tenant) as response:
+        events = [line for line in response.iter_lines() if line]  # the body ends cleanly
     assert events[-1] == "data: [DONE]" and response.status_code == 200
     assert [(r.status, r.error) for r in drained(redis_db, 1)] == [(200, "")]
 
