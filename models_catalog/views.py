@@ -3,6 +3,8 @@ endpoints. Every change goes through the model's request_* methods and is audite
 
 from __future__ import annotations
 
+from urllib.parse import urlencode
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -37,7 +39,9 @@ def _list_context(request: HttpRequest) -> dict:
         )
     }
     rows = [(model, jobs.get(model.pk)) for model in page]
-    return {"rows": rows, "page": page, "query": query, "any_active": bool(jobs), "nav": "models"}
+    page_query = urlencode({"q": query}) if query else ""
+    return {"rows": rows, "page": page, "query": query, "page_query": page_query, "any_active": bool(jobs),
+            "nav": "models"}  # fmt: skip
 
 
 @login_required

@@ -41,6 +41,17 @@ def test_list_search_and_detail(admin_client: Client, ready_model: LocalModel) -
     assert "LlamaForCausalLM" in page and "model.safetensors" in page and "GPU memory needed" in page
 
 
+def test_list_pages_keep_the_search(admin_client: Client) -> None:
+    LocalModel.objects.bulk_create([LocalModel(repo_id=f"acme/m{n:02}") for n in range(51)] + [LocalModel(
+        repo_id="other/x")])  # fmt: skip
+    first = admin_client.get(reverse("models_catalog:list"), {"q": "acme"}).content.decode()
+    assert 'href="?q=acme&amp;page=2"' in first and "Page 1 of 2" in first
+    second = admin_client.get(reverse("models_catalog:list"), {"q": "acme", "page": 2}).content.decode()
+    assert 'href="?q=acme&amp;page=1"' in second and "acme/m50" in second and "other/x" not in second
+    unfiltered = admin_client.get(reverse("models_catalog:list")).content.decode()
+    assert 'href="?page=2"' in unfiltered
+
+
 def test_estimate_panel(admin_client: Client, ready_model: LocalModel) -> None:
     url = reverse("models_catalog:estimate", args=[ready_model.pk])
     html = admin_client.get(url, {"context_length": 2048, "concurrency": 4}).content.decode()
