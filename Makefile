@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint messages setup clean-venv browser
+.PHONY: run test lint messages setup clean-venv browser node
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 browser:
 	@test -x /usr/bin/chromium -a -e $(CJK_FONT) || \
 		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium fonts-wqy-microhei)
+
+# Another box joins a console: `make node CONSOLE=https://console TOKEN=join_… NODE_NAME=box2 NODE_ADDRESS=10.0.0.2`
+# (the token from the console's Nodes page) joins once and writes var/node.env; later `make node` starts
+# this box's worker with those settings.
+node: setup
+	@if [ -n "$(TOKEN)" ]; then $(PY) manage.py join --console "$(CONSOLE)" --token "$(TOKEN)"; fi
+	@test -f var/node.env || (echo "var/node.env is missing: run make node CONSOLE=… TOKEN=… first"; exit 1)
+	set -a; . var/node.env; set +a; $(PY) manage.py migrate --check >/dev/null && \
+		exec $(VENV)/bin/celery -A appliance worker --loglevel INFO --hostname worker@$${NODE_NAME}
 
 test: lint browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -33,6 +33,14 @@ def env_str(name: str, default: str) -> str:
     return value if value else default
 
 
+def env_currency(name: str, default: str) -> str:
+    """An ISO 4217 currency code (three capital letters)."""
+    value = env_str(name, default)
+    if not (len(value) == 3 and value.isascii() and value.isalpha() and value.isupper()):
+        raise _bad(name, value, "an ISO 4217 currency code such as USD, EUR or CNY")
+    return value
+
+
 def env_bool(name: str, default: bool) -> bool:
     value = _raw(name)
     if value is None:

@@ -1,4 +1,5 @@
-"""Liveness of the parts the console needs: the database, Redis and at least one worker."""
+"""Liveness of the parts the console needs: the database, Redis and at least one worker; and
+whether billing is whole (no usage entry set aside, Redis keeping an append-only file)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,28 @@ def check_redis_and_workers() -> tuple[dict[str, Any], dict[str, Any]]:
     return {"ok": True}, worker
 
 
+def check_billing() -> dict[str, Any]:
+    """Usage entries set aside (the database refused them), entries waiting in the stream, and
+    whether Redis writes an append-only file (without one a crash of Redis loses what the drain has
+    not written yet). A warning, not "down": requests are still served and billed."""
+    from tenancy.models import SetAsideUsage
+    from tenancy.usage import STREAM
+
+    state: dict[str, Any] = {"persistent": None, "backlog": None}
+    try:
+        state["set_aside"] = SetAsideUsage.objects.count()
+    except Exception:  # the database is down: check_database says so
+        state["set_aside"] = 0
+    try:
+        client = redis_client()
+        state["backlog"] = client.xlen(STREAM)
+        state["persistent"] = client.config_get("appendonly").get("appendonly") == "yes"
+    except redis.RedisError:  # down (check_redis says so) or CONFIG disabled: unknown
+        pass
+    state["ok"] = not state["set_aside"] and state["persistent"] is not False
+    return state
+
+
 def report() -> dict[str, Any]:
     database = check_database()
     redis_state, worker = check_redis_and_workers()
@@ -49,5 +72,6 @@ def report() -> dict[str, Any]:
         "database": database,
         "redis": redis_state,
         "worker": worker,
+        "billing": check_billing(),
         "node": settings.NODE_NAME,
     }

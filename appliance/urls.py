@@ -5,14 +5,15 @@ from django.urls import include, path, re_path
 
 from appliance import views
 from appliance.api import api
-from gpus import views as gpu_views
+from appliance.passwords import PasswordChangeView
 from models_catalog import mirror
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
-    path("metrics", gpu_views.metrics, name="metrics"),
+    path("metrics", views.metrics, name="metrics"),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("settings/password/", PasswordChangeView.as_view(), name="password-change"),
     path("i18n/", include("django.conf.urls.i18n")),
     path("api/v1/", api.urls),
     re_path(r"^hf/(?P<rest>.*)$", mirror.hub, name="hf-mirror"),
@@ -28,6 +29,7 @@ urlpatterns = [
     path("deployments/", include("provisioning.urls")),
     path("gpus/", include("gpus.urls")),
     path("departments/", include("tenancy.urls")),
+    path("nodes/", include("nodes.urls")),
     path("", include("dashboard.urls")),
 ]
 

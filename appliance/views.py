@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import hmac
+from urllib.parse import urlencode
+
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
-from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from appliance import audit, health
 from appliance.forms import AuditFilterForm, RoleForm, TokenCreateForm, UserCreateForm
 from appliance.models import ApiToken, AuditEvent, Profile
-from appliance.roles import Role, require_role
-
-admin_only = require_role(Role.APPLIANCE_ADMIN)
+from appliance.roles import Role, requires, role_of
 
 
 @require_GET
@@ -28,11 +31,12 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse(state, status=200 if state["ok"] else 503)
 
 
-@login_required
 @require_GET
+@requires("audit.view")
 def audit_log(request: HttpRequest) -> HttpResponse:
     form = AuditFilterForm(request.GET or None)
-    events = form.apply(AuditEvent.objects.all()) if request.GET else AuditEvent.objects.all()
+    visible = AuditEvent.objects.visible_to(request.user)
+    events = form.apply(visible) if request.GET else visible
     page = Paginator(events, 50).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
@@ -43,20 +47,36 @@ def audit_log(request: HttpRequest) -> HttpResponse:
     )
 
 
-@login_required
 @require_GET
+@requires("user.view")
 def user_list(request: HttpRequest) -> HttpResponse:
-    users = get_user_model().objects.select_related("profile").order_by("username")
-    return render(request, "appliance/users.html", {"users": users, "form": UserCreateForm(), "nav": "settings"})
+    return _users_page(request, UserCreateForm())
+
+
+USERS_PAGE_SIZE = 50
+
+
+def _users_page(request: HttpRequest, form: UserCreateForm, status: int = 200) -> HttpResponse:
+    """Users, 50 a page, searchable by name or email, each with their role and memberships."""
+    query = request.GET.get("q", "").strip()[:150]
+    users = get_user_model().objects.select_related("profile").prefetch_related("memberships__department")
+    if query:
+        users = users.filter(Q(username__icontains=query) | Q(email__icontains=query))
+    page = Paginator(users.order_by("username"), USERS_PAGE_SIZE).get_page(request.GET.get("page"))
+    for person in page:
+        role = role_of(person)
+        person.role_label = role.label if role else _("Deactivated")
+    context = {"users": page, "query": query, "page_query": urlencode({"q": query}) if query else "",
+               "form": form, "nav": "settings"}  # fmt: skip
+    return render(request, "appliance/users.html", context, status=status)
 
 
 @require_POST
-@admin_only
+@requires("user.manage")
 def user_create(request: HttpRequest) -> HttpResponse:
     form = UserCreateForm(request.POST)
     if not form.is_valid():
-        users = get_user_model().objects.select_related("profile").order_by("username")
-        return render(request, "appliance/users.html", {"users": users, "form": form, "nav": "settings"}, status=400)
+        return _users_page(request, form, status=400)
     user, password = Profile.create_user(**form.cleaned_data)
     audit.record(request, "user.create", user, detail={"role": form.cleaned_data["role"]})
     return render(
@@ -73,7 +93,7 @@ def user_create(request: HttpRequest) -> HttpResponse:
 
 
 @require_POST
-@admin_only
+@requires("user.manage")
 def user_set_role(request: HttpRequest, user_id: int) -> HttpResponse:
     user = get_object_or_404(get_user_model(), pk=user_id)
     form = RoleForm(request.POST)
@@ -83,18 +103,24 @@ def user_set_role(request: HttpRequest, user_id: int) -> HttpResponse:
     if user == request.user:
         messages.error(request, _("You cannot change your own role."))
         return redirect("users")
-    Profile.objects.update_or_create(user=user, defaults={"role": form.cleaned_data["role"]})
+    if form.cleaned_data["role"] != Role.APPLIANCE_ADMIN and Profile.is_last_admin(user):
+        messages.error(request, _("%(user)s is the last appliance admin.") % {"user": user.username})
+        return redirect("users")
+    Profile.set_role(user, form.cleaned_data["role"])
     audit.record(request, "user.set_role", user, detail={"role": form.cleaned_data["role"]})
     messages.success(request, _("Role of %(user)s changed.") % {"user": user.username})
     return redirect("users")
 
 
 @require_POST
-@admin_only
+@requires("user.manage")
 def user_toggle_active(request: HttpRequest, user_id: int) -> HttpResponse:
     user = get_object_or_404(get_user_model(), pk=user_id)
     if user == request.user:
         messages.error(request, _("You cannot deactivate yourself."))
+        return redirect("users")
+    if user.is_active and Profile.is_last_admin(user):
+        messages.error(request, _("%(user)s is the last appliance admin.") % {"user": user.username})
         return redirect("users")
     user.is_active = not user.is_active
     user.save(update_fields=["is_active"])
@@ -102,21 +128,26 @@ def user_toggle_active(request: HttpRequest, user_id: int) -> HttpResponse:
     return redirect("users")
 
 
-@login_required
+TOKEN_HEADER = "Authorization: Bearer <token>"  # noqa: S105 (a placeholder, shown escaped, as code)
+
+
 @require_GET
+@requires("api_token.view")
 def token_list(request: HttpRequest) -> HttpResponse:
     tokens = ApiToken.objects.filter(user=request.user)
-    return render(request, "appliance/tokens.html", {"tokens": tokens, "form": TokenCreateForm(), "nav": "settings"})
+    return render(request, "appliance/tokens.html", {"tokens": tokens, "form": TokenCreateForm(), "nav": "settings",
+                                                     "header": TOKEN_HEADER})  # fmt: skip
 
 
 @require_POST
-@admin_only
+@requires("api_token.manage")
 @never_cache
 def token_create(request: HttpRequest) -> HttpResponse:
     form = TokenCreateForm(request.POST)
     if not form.is_valid():
         tokens = ApiToken.objects.filter(user=request.user)
-        return render(request, "appliance/tokens.html", {"tokens": tokens, "form": form, "nav": "settings"}, status=400)
+        return render(request, "appliance/tokens.html", {"tokens": tokens, "form": form, "nav": "settings",
+                                                         "header": TOKEN_HEADER}, status=400)  # fmt: skip
     token, raw = ApiToken.issue(request.user, form.cleaned_data["name"], form.expires_at())
     audit.record(request, "api_token.create", token)
     return render(
@@ -133,7 +164,7 @@ def token_create(request: HttpRequest) -> HttpResponse:
 
 
 @require_POST
-@admin_only
+@requires("api_token.manage")
 def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
     # Scoped to the caller's own tokens: another admin's token id is a 404, not a revocation.
     token = get_object_or_404(ApiToken, pk=token_id, user=request.user)
@@ -159,3 +190,20 @@ def server_error(request: HttpRequest) -> HttpResponse:
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     audit.record(request, "security.csrf_refused", outcome="denied", detail={"path": request.path})
     return render(request, "403_csrf.html", status=403)
+
+
+@require_GET
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus exposition of the GPUs and the gateway; needs ``Authorization: Bearer <METRICS_TOKEN>``."""
+    from gateway import metrics as gateway_metrics
+    from gpus.metrics import GpuCollector
+
+    if not settings.METRICS_TOKEN:
+        return HttpResponse("Metrics are off: set METRICS_TOKEN.\n", status=403, content_type="text/plain")
+    sent = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(sent.encode(), settings.METRICS_TOKEN.encode()):
+        return HttpResponse("A valid metrics token is required.\n", status=401, content_type="text/plain")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GpuCollector())
+    body = generate_latest(registry) + generate_latest(gateway_metrics.REGISTRY)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

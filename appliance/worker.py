@@ -40,12 +40,22 @@ def alive_workers(client: redis.Redis | None = None) -> dict[str, str]:
 
 
 def _heartbeat_loop(hostname: str) -> None:
+    from django.db import close_old_connections
+
+    from nodes.registry import heartbeat
+
     client = redis_client()
     while not _stop.is_set():
         try:
             beat_once(client, hostname)
         except redis.RedisError as exc:
             logger.warning("worker heartbeat to Redis failed: %s", exc)
+        try:  # the node registry: this box is alive, with what it has now
+            heartbeat()
+        except Exception as exc:  # a database hiccup must not end the heartbeat thread
+            logger.warning("node heartbeat to the database failed: %s", exc)
+        finally:
+            close_old_connections()
         _stop.wait(settings.WORKER_HEARTBEAT_SECONDS)
 
 

@@ -68,10 +68,11 @@ def first_health(port: int, deadline: float) -> float | None:
 def engine_alone(python: str, model: str) -> float:
     """The baseline: vLLM started by hand, seconds to its first /health 200."""
     from provisioning import launcher
+    from provisioning.engines import engine_for
 
     port = launcher.free_port()
-    command = launcher.build_command(python, model, "alone", port, gpu_memory_fraction=0.05, max_model_len=512)
-    env = launcher.build_environment("bench:alone", "k", [], cpu=True)
+    command = engine_for().command(python, model, "alone", port, gpu_memory_fraction=0.05, max_model_len=512)
+    env = engine_for().environment("bench:alone", "k", [], cpu=True)
     started = time.time()
     pid = launcher.start(command, env, Path(tempfile.gettempdir()) / "bench-engine-alone.log")
     try:

@@ -11,12 +11,14 @@
     The engine is pinned to core 0 and the load and the gateway to core 1 (in b and c): the CPU
     engine's OpenMP threads spin on every core they hold, and sharing them halved the throughput
     of anything beside it (a GPU engine leaves the host's cores alone).
+(v) What strict admission costs: the median time to parse and validate a typical chat request
+    (gateway/admission.py, msgspec schemas) beside a bare orjson.loads of the same body (no checks).
 (c) Two departments, high and low priority, the low one bursting 10x its normal rate: the high
     one's p99 time to first token with and without the burst, with priority on (engine with
     `--scheduling-policy priority`, gateway queue by class) and off.
 
 Needs `wrk` (Debian: apt-get install wrk). Run: .venv/bin/python bench/gateway.py
-BENCH_PARTS=a,b,c chooses parts; BENCH_SECONDS sets the length of each load phase.
+BENCH_PARTS=a,v,b,c chooses parts; BENCH_SECONDS sets the length of each load phase.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PARTS = set(os.environ.get("BENCH_PARTS", "a,b,c").split(","))
+PARTS = set(os.environ.get("BENCH_PARTS", "a,v,b,c").split(","))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 LITELLM_VENV = ROOT / "var" / "bench" / "litellm-venv"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 16}
@@ -287,6 +289,33 @@ def part_a(env: dict[str, str], work: Path) -> tuple[list, dict]:
     return rows, figures
 
 
+VALIDATE = """
+import statistics, sys, time, orjson, django
+django.setup()
+from gateway import admission
+body = orjson.dumps(%r)
+def median_us(call, rounds=31, n=2000):
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(n):
+            call(body)
+        times.append((time.perf_counter() - start) / n * 1e6)
+    return statistics.median(times)
+print(median_us(lambda b: admission.parse("chat/completions", b)), median_us(orjson.loads))
+"""
+
+
+def part_v(env: dict[str, str]) -> tuple[list, dict]:
+    """Parse + validate cost, in a process of its own with the console's settings."""
+    done = subprocess.run([sys.executable, "-c", VALIDATE % CHAT], env=env, cwd=ROOT, capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    ours, bare = (float(x) for x in done.stdout.split())
+    rows = [["(v) parse + validate a chat request (msgspec)", "", f"{ours:.1f} µs", f"+{ours - bare:.1f} µs"],
+            ["(v) orjson.loads only, no checks", "", f"{bare:.1f} µs", ""]]  # fmt: skip
+    return rows, {"validate_us": round(ours, 2), "json_loads_us": round(bare, 2)}
+
+
 def start_engine(extra: list[str]) -> tuple[Any, int, str]:
     from django.conf import settings
 
@@ -390,7 +419,8 @@ def main() -> None:
     env = setup(work)
     rows, figures = [], {}
     try:
-        for name, part in (("a", lambda: part_a(env, work)), ("b", lambda: part_b(env)), ("c", lambda: part_c(env))):
+        for name, part in (("a", lambda: part_a(env, work)), ("v", lambda: part_v(env)), ("b", lambda: part_b(env)),
+                           ("c", lambda: part_c(env))):  # fmt: skip
             if name in PARTS:
                 part_rows, part_figures = part()
                 rows += part_rows

@@ -222,7 +222,7 @@ def async_limiter(
             pipe = client.pipeline(transaction=False)
             for department, decision, fields in batch:
                 limiter.settle_in(pipe, department, lim, decision, USED)
-                pipe.xadd(usage.STREAM, fields, maxlen=usage.STREAM_MAXLEN, approximate=True)
+                pipe.xadd(usage.STREAM, fields)
             await pipe.execute()
             row.settles += 1
 
@@ -292,7 +292,7 @@ def sync_limiter(row: Row, parser: Any) -> Row:
                 keys, args = _settle_call(department, lim, decision, USED)
                 pipe = client.pipeline(transaction=False)
                 pipe.evalsha(limiter.settle_script.sha, len(keys), *keys, *args)
-                pipe.xadd(usage.STREAM, fields, maxlen=usage.STREAM_MAXLEN, approximate=True)
+                pipe.xadd(usage.STREAM, fields)
                 pipe.execute()
         with lock:
             row.settles += sum(allowed for _, _, allowed in samples)

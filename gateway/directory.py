@@ -55,6 +55,8 @@ class Route:
     priority_scheduling: bool
     replicas: tuple[ReplicaRoute, ...]
     created: int
+    context: int | None = None  # the deployment's max_model_len, when set: bounds every reservation
+    media: bool = False  # image/audio/video parts accepted (the engine runs with --limit-mm-per-prompt)
 
 
 @dataclass
@@ -88,12 +90,14 @@ def _load_key(key_id: str) -> KeyInfo | None:
 
     close_old_connections()
     key = ApiKey.objects.select_related("department").filter(key_id=key_id).first()
-    if key is None:
-        return None
-    allowed = key.allowed_deployment_ids()
+    if key is None or key.archived_at is not None or key.department.archived_at is not None:
+        return None  # deleted, kept only for the bills: unknown to the gateway
+    allowed = key.allowed_deployment_ids()  # all of the department's, or exactly the key's list (maybe none)
     from provisioning.models import Deployment
 
-    names = frozenset(Deployment.objects.filter(pk__in=allowed).values_list("name", flat=True))
+    names = frozenset(
+        Deployment.objects.filter(pk__in=allowed, archived_at__isnull=True).values_list("name", flat=True)
+    )
     department = key.department
     return KeyInfo(
         pk=key.pk, key_hash=key.key_hash, name=key.name, department_id=department.pk, department=department.name,
@@ -108,21 +112,17 @@ def _load_routes() -> dict[str, Route]:
 
     close_old_connections()
     routes: dict[str, list] = {}
-    deployments = {d.pk: d for d in Deployment.objects.all()}
+    deployments = {d.pk: d for d in Deployment.objects.select_related("runtime")}
     ready = Replica.objects.filter(state=Replica.State.READY, port__isnull=False).order_by("deployment_id", "ordinal")
     for replica in ready:
         routes.setdefault(replica.deployment_id, []).append(ReplicaRoute(replica.pk, replica.base_url, replica.key()))
     table = {}
     for pk, deployment in deployments.items():
-        args = [str(a) for a in deployment.extra_args or []]
-        priority = any(
-            a == "--scheduling-policy=priority" or (a == "--scheduling-policy" and args[i + 1 : i + 2] == ["priority"])
-            for i, a in enumerate(args)
-        )
+        able = deployment.capabilities()  # the engine says what it does; the gateway does not read flags
         running = deployment.desired == deployment.Desired.RUNNING
         table[deployment.name] = Route(
-            pk, deployment.name, priority, tuple(routes.get(pk, ()) if running else ()),
-            int(deployment.created_at.timestamp()),
+            pk, deployment.name, able.priority_scheduling, tuple(routes.get(pk, ()) if running else ()),
+            int(deployment.created_at.timestamp()), deployment.max_model_len or None, able.media,
         )  # fmt: skip
     return table
 

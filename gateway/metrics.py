@@ -13,6 +13,13 @@ TTFT = Histogram("gateway_time_to_first_token_seconds", "Time to the first byte 
                  buckets=_BUCKETS, registry=REGISTRY)  # fmt: skip
 LATENCY = Histogram("gateway_request_seconds", "Time to the end of the answer.", LABELS, buckets=_BUCKETS,
                     registry=REGISTRY)  # fmt: skip
+# Refused before a key or a body was known (no key, unknown key, malformed): counted here by a fixed
+# set of reasons, never as usage rows.
+REFUSED = Counter("gateway_refused", "Requests refused before admission, by reason.", ("reason",), registry=REGISTRY)
+EXCEEDED = Counter("gateway_reservation_exceeded", "Answers whose engine counts passed the reservation "
+                   "(billed at the reservation).", registry=REGISTRY)  # fmt: skip
+SPOOLED = Counter("gateway_settlements_spooled", "Settlements and usage entries Redis refused, kept in the spool "
+                  "to be retried.", registry=REGISTRY)  # fmt: skip
 OVERHEAD = Histogram("gateway_overhead_seconds", "Time the gateway itself added.", buckets=(
     0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1), registry=REGISTRY)  # fmt: skip
 

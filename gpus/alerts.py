@@ -43,14 +43,16 @@ def sync_alerts(gpu: Gpu, findings: list[Finding]) -> Health:
         alert = open_alerts.get(rule)
         if alert is None:
             alert = Alert.objects.create(
-                gpu=gpu, rule=rule, severity=finding.severity, message=finding.message, latched=finding.latched
-            )
+                gpu=gpu, rule=rule, severity=finding.severity, message=finding.message, text=finding.text,
+                params=finding.params, latched=finding.latched,
+            )  # fmt: skip
             open_alerts[rule] = alert
             notify(alert, "opened")
         else:
             Alert.objects.filter(pk=alert.pk).update(
-                last_seen_at=now, occurrences=alert.occurrences + 1, message=finding.message
-            )
+                last_seen_at=now, occurrences=alert.occurrences + 1, message=finding.message, text=finding.text,
+                params=finding.params,
+            )  # fmt: skip
     for rule, alert in list(open_alerts.items()):
         if rule not in firing and not alert.latched:
             alert.resolved_at = now

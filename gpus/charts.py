@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from gpus.models import Gpu, GpuSample
 
@@ -24,14 +25,22 @@ METRICS = {
 }
 
 
-def series(range_key: str, metric: str) -> dict[str, Any]:
-    """``{"unit", "resolution", "series": [{"label", "points": [[epoch ms, value], …]}]}``."""
+# The page's charts, in order: (metric, title).
+CHARTS = [("util_gpu", _("Utilization")), ("mem_used", _("Memory used")), ("temperature", _("Temperature")),
+          ("power_draw", _("Power"))]  # fmt: skip
+
+
+def series(range_key: str, metric: str, gpu_id: int | None = None) -> dict[str, Any]:
+    """``{"unit", "resolution", "series": [{"label", "points": [[epoch ms, value], …]}]}``: every GPU,
+    or the one GPU ``gpu_id``."""
     if range_key not in RANGES or metric not in METRICS:
         raise ValueError("Unknown range or metric.")
     span, resolution = RANGES[range_key]
     unit, scale = METRICS[metric]
     since = timezone.now() - span
-    gpus = {gpu.pk: gpu for gpu in Gpu.objects.all()}
+    gpus = {gpu.pk: gpu for gpu in (Gpu.objects.filter(pk=gpu_id) if gpu_id is not None else Gpu.objects.all())}
+    if gpu_id is not None and not gpus:
+        raise ValueError("Unknown GPU.")
     points: dict[int, list[list[float]]] = {pk: [] for pk in gpus}
     rows = (
         GpuSample.objects.filter(resolution=resolution, time__gte=since, gpu_id__in=list(gpus))

@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from gpus.alerts import sync_alerts
-from gpus.health import evaluate
+from gpus.health import NOT_LISTED, evaluate
 from gpus.models import Gpu, GpuSample, Health, NodeProbe, SimulatedFault
 from gpus.probe import GpuProbe, NvmlProbe, ProbeUnavailable, SimulatedProbe
 
@@ -26,18 +26,18 @@ def _simulated_faults() -> list[dict[str, Any]]:
 
 
 def _simulated_processes() -> dict[int, list[dict[str, int]]]:
-    """This node's running engines as the simulated GPUs' processes, so the GPUs page names the
-    replica behind each one as it does with NVML: on the GPUs the replica was placed on, or, for an
-    engine on the CPU runtime (no GPU placed), on GPU ordinal modulo the count."""
-    from provisioning.models import Replica
+    """This node's running GPU users (engines) as the simulated GPUs' processes, so the GPUs page
+    names the replica behind each one as it does with NVML: on the GPUs it was placed on, or, for
+    one placed on none (the CPU engine), on GPU slot modulo the count."""
+    from gpus.users import users
 
     running: dict[int, list[dict[str, int]]] = {}
-    replicas = Replica.objects.filter(node=settings.NODE_NAME, state__in=list(Replica.RUNNING), pid__isnull=False)
-    for replica in replicas.select_related("deployment"):
-        gpus = replica.gpu_ids or [replica.ordinal % settings.GPU_SIMULATED_COUNT]
-        memory = int(replica.deployment.gpu_memory_fraction * SimulatedProbe.MEMORY)
-        for index in gpus:
-            running.setdefault(index, []).append({"pid": replica.pid, "memory": memory})
+    for user in users(settings.NODE_NAME):
+        if not user.running or user.pid is None:
+            continue
+        memory = int(user.memory_fraction * SimulatedProbe.MEMORY)
+        for index in user.gpus or [user.slot % settings.GPU_SIMULATED_COUNT]:
+            running.setdefault(index, []).append({"pid": user.pid, "memory": memory})
     return running
 
 
@@ -113,7 +113,7 @@ def collect(probe: GpuProbe | None = None, node: str | None = None) -> dict[str,
             )
             findings = evaluate(data, history, settings.GPU_TEMPERATURE_WARNING_C)
             health = sync_alerts(gpu, findings)
-            Gpu.objects.filter(pk=gpu.pk).update(health=health, health_reasons=[f.message for f in findings])
+            Gpu.objects.filter(pk=gpu.pk).update(health=health, health_reasons=[f.reason() for f in findings])
             if not reading.lost:
                 samples.append(
                     GpuSample(
@@ -133,7 +133,7 @@ def collect(probe: GpuProbe | None = None, node: str | None = None) -> dict[str,
         GpuSample.objects.bulk_create(samples)
         # GPUs this node had before but NVML no longer lists: unknown, never silently healthy.
         Gpu.objects.filter(node=node).exclude(pk__in=seen).update(
-            health=Health.UNKNOWN, health_reasons=["Not listed by the last sample."]
+            health=Health.UNKNOWN, health_reasons=[NOT_LISTED.reason()]
         )
         NodeProbe.objects.update_or_create(
             node=node,

@@ -5,7 +5,7 @@ from gpus.models import Webhook
 
 
 class WebhookForm(forms.ModelForm):
-    url = forms.URLField(label=_("address"), max_length=500, assume_scheme="https")
+    url = forms.URLField(label=_("Address (URL)"), max_length=500, assume_scheme="https")
 
     class Meta:
         model = Webhook

@@ -47,7 +47,7 @@ class Gpu(models.Model):
     pci_bus_id = models.CharField(max_length=100, blank=True)
     simulated = models.BooleanField(default=False)
     health = models.CharField(max_length=16, choices=Health.choices, default=Health.UNKNOWN)
-    health_reasons = models.JSONField(default=list, blank=True)
+    health_reasons = models.JSONField(default=list, blank=True)  # gpus.health.Finding.reason() of each finding
     latest = models.JSONField(default=dict, blank=True)
     last_seen = models.DateTimeField(default=timezone.now)
 
@@ -61,6 +61,23 @@ class Gpu(models.Model):
     def accepts_new_replicas(self) -> bool:
         """A GPU in critical health (or not seen lately) gets no new replicas."""
         return self.health != Health.CRITICAL and self.health != Health.UNKNOWN
+
+    @property
+    def badge(self) -> str:
+        """The colour its health is shown in (a badge class)."""
+        return {Health.OK: "ok", Health.WARNING: "warn", Health.CRITICAL: "bad"}.get(self.health, "")
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the GPU has its health, in the reader's language."""
+        from gpus.health import describe
+
+        return [describe(r["text"], r.get("params")) if isinstance(r, dict) else str(r) for r in self.health_reasons]
+
+    @property
+    def english_reasons(self) -> list[str]:
+        """The same in English (the API)."""
+        return [r.get("message", r["text"]) if isinstance(r, dict) else str(r) for r in self.health_reasons]
 
     @property
     def mem_percent(self) -> int | None:
@@ -106,7 +123,9 @@ class Alert(models.Model):
     gpu = models.ForeignKey(Gpu, on_delete=models.CASCADE, related_name="alerts")
     rule = models.CharField(max_length=50)
     severity = models.CharField(max_length=16, choices=Health.choices)
-    message = models.CharField(max_length=500)
+    message = models.CharField(max_length=500)  # in English, for webhooks and the API
+    text = models.CharField(max_length=200, blank=True)  # the catalogue string behind it (gpus.health)
+    params = models.JSONField(default=dict, blank=True)  # and its values
     latched = models.BooleanField(default=False)
     opened_at = models.DateTimeField(default=timezone.now)
     last_seen_at = models.DateTimeField(default=timezone.now)
@@ -132,6 +151,13 @@ class Alert(models.Model):
     def is_open(self) -> bool:
         return self.resolved_at is None
 
+    @property
+    def display_message(self) -> str:
+        """The alert in the reader's language (older alerts, stored as English only, as they are)."""
+        from gpus.health import describe
+
+        return describe(self.text, self.params) if self.text else self.message
+
 
 class Webhook(models.Model):
     """Where alert openings and resolutions are POSTed as JSON."""
@@ -154,7 +180,12 @@ class WebhookDelivery(models.Model):
 
     webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
     alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
-    event = models.CharField(max_length=16)  # opened / resolved
+
+    class Event(models.TextChoices):
+        OPENED = "opened", _("alert opened")
+        RESOLVED = "resolved", _("alert resolved")
+
+    event = models.CharField(max_length=16, choices=Event.choices)
     payload = models.JSONField()
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     attempts = models.PositiveSmallIntegerField(default=0)

@@ -13,8 +13,8 @@ from ninja.errors import HttpError
 from ninja.responses import Status
 
 from appliance import audit
-from appliance.api import admin_required
-from models_catalog.forms import parse_patterns
+from appliance.api import require
+from models_catalog.forms import EndpointForm, parse_patterns
 from models_catalog.importer import ImportRefused
 from models_catalog.layout import UnsafePath
 from models_catalog.memory import estimate
@@ -68,7 +68,8 @@ class ModelDetailOut(ModelOut):
 class DownloadIn(Schema):
     repo_id: str = Field(..., max_length=200)
     revision: str = Field("main", max_length=200, pattern=r"^[\w.\-/]+$")
-    endpoint: str | None = Field(None, description="Name of a configured source; empty for HF_ENDPOINT.")
+    endpoint_id: int | None = Field(None, description="Id of a configured source (``/sources``); none for HF_ENDPOINT.")
+    endpoint: str | None = Field(None, description="Or the source's name.")
     allow_patterns: list[str] = []
     ignore_patterns: list[str] = []
 
@@ -76,6 +77,7 @@ class DownloadIn(Schema):
 class ImportIn(Schema):
     directory: str = Field(..., max_length=1000)
     repo_id: str = Field(..., max_length=200)
+    replace: bool = Field(False, description="Replace the files of a model of this name (none may use it).")
 
 
 class EstimateQuery(Schema):
@@ -99,6 +101,7 @@ def _detail(model: LocalModel) -> dict[str, Any]:
 
 @router.get("/models", response=list[ModelOut], summary="Models on this appliance")
 def list_models(request: HttpRequest, filters: Query[ModelFilter]) -> Any:
+    require(request, "model.view")
     models = LocalModel.objects.all()
     if filters.q:
         models = models.filter(repo_id__icontains=filters.q)
@@ -109,9 +112,13 @@ def list_models(request: HttpRequest, filters: Query[ModelFilter]) -> Any:
 
 @router.post("/models", response={202: JobOut}, summary="Download a model (or resume a failed download)")
 def create_download(request: HttpRequest, payload: DownloadIn) -> Status:
-    admin_required(request, "model.download")
+    require(request, "model.manage", action="model.download")
     endpoint = None
-    if payload.endpoint:
+    if payload.endpoint_id is not None:
+        endpoint = HubEndpoint.objects.filter(pk=payload.endpoint_id).first()
+        if endpoint is None:
+            raise HttpError(422, f"No source with id {payload.endpoint_id}.")
+    elif payload.endpoint:
         endpoint = HubEndpoint.objects.filter(name=payload.endpoint).first()
         if endpoint is None:
             raise HttpError(422, f"No source named {payload.endpoint!r}.")
@@ -131,9 +138,9 @@ def create_download(request: HttpRequest, payload: DownloadIn) -> Status:
 
 @router.post("/models/import", response={202: JobOut}, summary="Import a model from a local directory")
 def create_import(request: HttpRequest, payload: ImportIn) -> Status:
-    admin_required(request, "model.import")
+    require(request, "model.manage", action="model.import")
     try:
-        job = LocalModel.request_import(payload.directory, payload.repo_id, request.user)
+        job = LocalModel.request_import(payload.directory, payload.repo_id, request.user, replace=payload.replace)
     except (UnsafePath, ImportRefused) as exc:
         raise HttpError(422, str(exc)) from None
     except JobConflict as exc:
@@ -144,11 +151,13 @@ def create_import(request: HttpRequest, payload: ImportIn) -> Status:
 
 @router.get("/models/{model_id}", response=ModelDetailOut, summary="A model with its files and facts")
 def get_model(request: HttpRequest, model_id: int) -> Any:
+    require(request, "model.view")
     return _detail(get_object_or_404(LocalModel, pk=model_id))
 
 
 @router.get("/models/{model_id}/estimate", summary="GPU memory for a context length and concurrency")
 def get_estimate(request: HttpRequest, model_id: int, query: Query[EstimateQuery]) -> dict[str, int]:
+    require(request, "model.view")
     model = get_object_or_404(LocalModel, pk=model_id)
     try:
         return estimate(model.facts(), query.context_length, query.concurrency)
@@ -158,11 +167,12 @@ def get_estimate(request: HttpRequest, model_id: int, query: Query[EstimateQuery
 
 @router.get("/models/{model_id}/jobs", response=list[JobOut], summary="The model's jobs, newest first")
 def model_jobs(request: HttpRequest, model_id: int) -> Any:
+    require(request, "model.view")
     return get_object_or_404(LocalModel, pk=model_id).jobs.all()[:100]
 
 
 def _start(request: HttpRequest, model_id: int, kind: str) -> Status:
-    admin_required(request, f"model.{kind}")
+    require(request, "model.manage", action=f"model.{kind}")
     model = get_object_or_404(LocalModel, pk=model_id)
     try:
         job = (
@@ -184,6 +194,24 @@ def verify_model(request: HttpRequest, model_id: int) -> Status:
     return _start(request, model_id, ModelJob.Kind.VERIFY)
 
 
+@router.post(
+    "/models/{model_id}/resume",
+    response={202: JobOut},
+    summary="Fetch a failed model again (download resumed, or import redone)",
+)
+def resume_model(request: HttpRequest, model_id: int) -> Status:
+    require(request, "model.manage", action="model.resume")
+    model = get_object_or_404(LocalModel, pk=model_id)
+    try:
+        job = model.resume(request.user)
+    except (UnsafePath, ImportRefused) as exc:
+        raise HttpError(422, str(exc)) from None
+    except JobConflict as exc:
+        raise HttpError(409, str(exc)) from None
+    audit.record(request, "model.resume", model, detail={"via": "api"})
+    return Status(202, job)
+
+
 @router.delete("/models/{model_id}", response={202: JobOut}, summary="Delete a model (refused while in use)")
 def delete_model(request: HttpRequest, model_id: int) -> Status:
     return _start(request, model_id, ModelJob.Kind.DELETE)
@@ -191,14 +219,98 @@ def delete_model(request: HttpRequest, model_id: int) -> Status:
 
 @router.get("/model-jobs/{job_id}", response=JobOut, summary="A model job's progress")
 def get_job(request: HttpRequest, job_id: int) -> Any:
+    require(request, "model.view")
     return get_object_or_404(ModelJob, pk=job_id)
 
 
 @router.post("/model-jobs/{job_id}/cancel", response=JobOut, summary="Cancel a job (a download can resume later)")
 def cancel_job(request: HttpRequest, job_id: int) -> Any:
-    admin_required(request, "model.job_cancel")
+    require(request, "model.manage", action="model.job_cancel")
     job = get_object_or_404(ModelJob, pk=job_id)
     if not job.cancel():
         raise HttpError(409, "The job has already finished.")
     audit.record(request, "model.job_cancel", job.model, detail={"via": "api", "job": job.pk})
     return job
+
+
+class RemoteCodeIn(Schema):
+    allow: bool
+
+
+@router.post("/models/{model_id}/check", response={202: None}, summary="Ask the source for the latest commit")
+def check_model(request: HttpRequest, model_id: int) -> Status:
+    require(request, "model.manage", action="model.check")
+    model = get_object_or_404(LocalModel, pk=model_id)
+    from models_catalog.tasks import check_model as check_task
+
+    check_task.delay(model.pk)
+    audit.record(request, "model.check", model, detail={"via": "api"})
+    return Status(202, None)
+
+
+@router.post("/models/{model_id}/remote-code", response=ModelOut, summary="Allow or forbid --trust-remote-code")
+def allow_remote_code(request: HttpRequest, model_id: int, payload: RemoteCodeIn) -> Any:
+    require(request, "model.allow_remote_code")
+    model = get_object_or_404(LocalModel, pk=model_id)
+    LocalModel.objects.filter(pk=model.pk).update(allow_remote_code=payload.allow)
+    audit.record(request, "model.allow_remote_code", model, detail={"allowed": payload.allow, "via": "api"})
+    model.refresh_from_db()
+    return model
+
+
+# --- sources (hub endpoints) -----------------------------------------------------------------------
+
+
+class SourceOut(Schema):
+    id: int
+    name: str
+    url: str
+    kind: str
+    has_token: bool
+    created_at: datetime
+
+
+class SourceIn(Schema):
+    name: str
+    url: str
+    kind: str = HubEndpoint.Kind.HUB
+    token: str = Field("", description="Stored encrypted, never returned; empty keeps the current one.")
+
+
+def _save_source(request: HttpRequest, payload: SourceIn, instance: HubEndpoint | None) -> HubEndpoint:
+    form = EndpointForm(payload.dict(), instance=instance)
+    if not form.is_valid():
+        raise HttpError(422, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
+    endpoint = form.save()
+    detail = {"url": endpoint.url, "token_changed": bool(form.cleaned_data.get("token")), "via": "api"}
+    audit.record(request, "hub_endpoint.update" if instance else "hub_endpoint.create", endpoint, detail=detail)
+    return endpoint
+
+
+@router.get("/sources", response=list[SourceOut], summary="Where models are downloaded from")
+def list_sources(request: HttpRequest) -> Any:
+    require(request, "model.view")
+    return HubEndpoint.objects.all()
+
+
+@router.post("/sources", response={201: SourceOut}, summary="Add a source (appliance admin)")
+def create_source(request: HttpRequest, payload: SourceIn) -> Status:
+    require(request, "hub_endpoint.manage", action="hub_endpoint.create")
+    return Status(201, _save_source(request, payload, None))
+
+
+@router.put("/sources/{source_id}", response=SourceOut, summary="Change a source (appliance admin)")
+def update_source(request: HttpRequest, source_id: int, payload: SourceIn) -> Any:
+    require(request, "hub_endpoint.manage", action="hub_endpoint.update")
+    return _save_source(request, payload, get_object_or_404(HubEndpoint, pk=source_id))
+
+
+@router.delete("/sources/{source_id}", response={204: None}, summary="Remove an unused source (appliance admin)")
+def delete_source(request: HttpRequest, source_id: int) -> Status:
+    require(request, "hub_endpoint.manage", action="hub_endpoint.delete")
+    endpoint = get_object_or_404(HubEndpoint, pk=source_id)
+    if endpoint.models.exists():
+        raise HttpError(409, "Models were downloaded from this source; delete them first.")
+    audit.record(request, "hub_endpoint.delete", endpoint, detail={"via": "api"})
+    endpoint.delete()
+    return Status(204, None)

@@ -67,6 +67,10 @@ class ImportForm(forms.Form):
         help_text=_("An absolute path, e.g. a USB disk or a NAS mount: /mnt/usb/llama-3-8b"),
     )
     repo_id = RepoIdField(label=_("Name here"), max_length=200, help_text=_("For example acme/llama-3-8b"))
+    replace = forms.BooleanField(
+        label=_("Replace the files of a model of this name"), required=False,
+        help_text=_("Only for a model that exists already and no deployment uses."),
+    )  # fmt: skip
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Ids of its own: the Add page shows it beside the download form, which has a repo_id too.

@@ -4,6 +4,7 @@ delete them."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from django.db import models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from appliance.archiving import delete_or_archive
 from appliance.jobs import Job, JobStatus
 from appliance.sealing import seal, unseal
 
@@ -48,6 +50,27 @@ class HubEndpoint(models.Model):
         return bool(self.token_sealed)
 
 
+class LiveModelManager(models.Manager):
+    """Models that are not archived: what pages, the API, pickers and the mirror see.
+    ``LocalModel.all_objects`` has the archived ones too."""
+
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().filter(archived_at__isnull=True)
+
+
+class AllModelsManager(models.Manager):
+    """Every model, archived ones too (for history)."""
+
+
+# Words in a failed download's error that say why (``LocalModel.error_hint``): httpx's and the OS's for a
+# hub that cannot be reached, huggingface_hub's for one that refused the repository.
+UNREACHABLE_SIGNS = ("ConnectError", "ConnectTimeout", "Connection refused", "All connection attempts failed",
+                     "Name or service not known", "Temporary failure in name resolution", "Network is unreachable",
+                     "No route to host", "OfflineModeIsEnabled", "LocalEntryNotFoundError")  # fmt: skip
+REFUSED_SIGNS = ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError", "401 Client Error",
+                 "403 Client Error", "404 Client Error")  # fmt: skip
+
+
 class LocalModel(models.Model):
     """A model stored on this appliance.
 
@@ -55,10 +78,15 @@ class LocalModel(models.Model):
 
         downloading ──► verifying ──► ready ◄──► outdated
             │               │           │  (update: outdated ──► downloading ──► verifying ──► ready)
-            └──► failed ◄───┘           └──► deleting ──► (row removed)
+            └──► failed ◄───┘           └──► deleting ──► (row removed, or archived)
 
     ``failed`` models can be resumed (download again, keeping finished files). A failed update
     leaves the ready copy untouched, so the model goes back to ``outdated``.
+
+    Deleting a model always frees its disk. When deleted deployments kept for past bills still name
+    it, its row is archived instead of removed (``archived_at``; files and source forgotten) and
+    ``objects`` no longer finds it. Its repository name is free again: the same repository can be
+    downloaded or imported anew, as a new row.
     """
 
     class Status(models.TextChoices):
@@ -77,7 +105,7 @@ class LocalModel(models.Model):
 
     USABLE = frozenset({Status.READY, Status.OUTDATED})
 
-    repo_id = models.CharField(_("repository"), max_length=200, unique=True)
+    repo_id = models.CharField(_("repository"), max_length=200)
     revision = models.CharField(_("tracked branch"), max_length=200, default="main")
     commit = models.CharField(max_length=64, blank=True, help_text="Commit of the ready copy.")
     upstream_commit = models.CharField(max_length=64, blank=True)
@@ -99,9 +127,18 @@ class LocalModel(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)
+    archived_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = LiveModelManager()
+    all_objects = AllModelsManager()
 
     class Meta:
         ordering = ["repo_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["repo_id"], condition=models.Q(archived_at__isnull=True), name="unique_live_model_repo"
+            )
+        ]
 
     def __str__(self) -> str:
         return self.repo_id
@@ -124,6 +161,34 @@ class LocalModel(models.Model):
 
     def active_job(self) -> ModelJob | None:
         return self.jobs.filter(status__in=list(JobStatus.ACTIVE)).first()  # type: ignore[attr-defined]
+
+    def shown_job(self, recent: timedelta = timedelta(minutes=10)) -> ModelJob | None:
+        """The job the model page shows with its bar: the one running, or the last one if it ended in
+        the last minutes (the page reloads when a job ends: its bar then shows where it ended, 100 %
+        for a finished download, instead of vanishing at the last value polled)."""
+        active = self.active_job()
+        if active is not None:
+            return active
+        last = self.jobs.exclude(status__in=list(JobStatus.ACTIVE)).order_by("-pk").first()  # type: ignore[attr-defined]
+        if last is not None and last.finished_at and last.finished_at > timezone.now() - recent:
+            return last
+        return None
+
+    def error_hint(self) -> str | None:
+        """What to do about the last failed download, when its error says what went wrong: a hub that
+        cannot be reached (no internet, as appliances often have none), or one that refused the name."""
+        if not self.error or self.source == self.Source.IMPORTED:
+            return None
+        job = self.jobs.filter(status=JobStatus.FAILED).order_by("-pk").first()
+        text = f"{job.error if job else ''} {self.error}"
+        if any(sign in text for sign in UNREACHABLE_SIGNS):
+            return _("The hub could not be reached from this appliance. Without internet access, download from "
+                     "a mirror on your network (add it under Model sources), or copy the model onto a disk and "
+                     "import it from its directory.")  # fmt: skip
+        if any(sign in text for sign in REFUSED_SIGNS):
+            return _("The hub refused the repository or revision: check the name and the branch, and whether "
+                     "the repository needs an access token (set on its model source).")  # fmt: skip
+        return None
 
     def in_use_by(self) -> list[str]:
         """Names of what uses this model (deployments register a check in ``USAGE_CHECKS``)."""
@@ -178,8 +243,13 @@ class LocalModel(models.Model):
             return model.start_job(ModelJob.Kind.DOWNLOAD, user, enqueue)
 
     @classmethod
-    def request_import(cls, directory: str, repo_id: str, user: Any = None, enqueue: bool = True) -> ModelJob:
-        """Start importing a model from a local directory (checked again by the job)."""
+    def request_import(
+        cls, directory: str, repo_id: str, user: Any = None, enqueue: bool = True, replace: bool = False
+    ) -> ModelJob:
+        """Start importing a model from a local directory (checked again by the job).
+
+        A model of that name that exists already is replaced only when asked (``replace``), and never
+        while a deployment uses it: importing under a taken name is more often a mistake than meant."""
         from models_catalog.importer import scan
         from models_catalog.layout import check_repo_id
 
@@ -189,6 +259,15 @@ class LocalModel(models.Model):
             model = cls.objects.select_for_update().filter(repo_id=repo_id).first()
             if model is not None and model.status not in (cls.Status.FAILED, *cls.USABLE):
                 raise JobConflict(_("%(repo)s is busy.") % {"repo": repo_id})
+            if model is not None and model.status != cls.Status.FAILED:
+                users = model.in_use_by()
+                if users:
+                    raise JobConflict(_("%(repo)s exists already and is used by %(users)s: import under another "
+                                        "name, or stop and delete those first.")
+                                      % {"repo": repo_id, "users": ", ".join(users)})  # fmt: skip
+                if not replace:
+                    raise JobConflict(_("%(repo)s exists already: import under another name, or choose to replace "
+                                        "its files.") % {"repo": repo_id})  # fmt: skip
             if model is None:
                 model = cls(repo_id=repo_id, node=settings.NODE_NAME, status=cls.Status.DOWNLOADING)
             model.source = cls.Source.IMPORTED
@@ -197,16 +276,37 @@ class LocalModel(models.Model):
             model.save()
             return model.start_job(ModelJob.Kind.IMPORT, user, enqueue)
 
+    def resume(self, user: Any = None) -> ModelJob:
+        """Fetch the model again as it was first fetched: the import again for an imported one, else
+        the download (a failed download resumes where it stopped). The model page's "resume" and the
+        API's ``POST /models/{id}/resume``."""
+        if self.source == self.Source.IMPORTED:
+            return LocalModel.request_import(self.import_path, self.repo_id, user, replace=True)
+        return LocalModel.request_download(
+            self.repo_id, self.revision, self.endpoint, self.allow_patterns, self.ignore_patterns, user=user
+        )
+
     def request_delete(self, user: Any = None) -> ModelJob:
         users = self.in_use_by()
         if users:
             raise JobConflict(
-                _("%(repo)s is used by %(users)s; stop those first.")
+                _("%(repo)s is used by %(users)s; stop and delete those first.")
                 % {"repo": self.repo_id, "users": ", ".join(users)}
             )
         job = self.start_job(ModelJob.Kind.DELETE, user)
         LocalModel.objects.filter(pk=self.pk).update(status=self.Status.DELETING)
         return job
+
+    def remove_row(self) -> str:
+        """After its files are gone: delete the row, or archive it while deployments kept for past
+        bills name it; ``"deleted"`` or ``"archived"``."""
+        return delete_or_archive(self, self.archive)
+
+    def archive(self) -> None:
+        self.files.all().delete()
+        now = timezone.now()
+        LocalModel.all_objects.filter(pk=self.pk).update(archived_at=now, endpoint=None)
+        self.archived_at, self.endpoint = now, None
 
     def facts(self) -> dict[str, Any]:
         from models_catalog.memory import model_facts

@@ -29,7 +29,7 @@ def model_job_body(job: ModelJob) -> None:
     elif job.kind == ModelJob.Kind.DELETE:
         if model.directory.exists():
             shutil.rmtree(model.directory)
-        model.delete()
+        model.remove_row()  # archived while deleted deployments kept for past bills name it
     else:
         raise RuntimeError(f"Unknown job kind {job.kind!r}")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
@@ -16,14 +15,12 @@ from django.views.decorators.http import require_GET, require_POST
 
 from appliance import audit
 from appliance.models import AuditEvent
-from appliance.roles import Role, require_role
+from appliance.roles import requires
 from models_catalog.forms import DownloadForm, EndpointForm, EstimateForm, ImportForm
 from models_catalog.importer import ImportRefused
 from models_catalog.layout import UnsafePath
 from models_catalog.memory import estimate
 from models_catalog.models import HubEndpoint, JobConflict, LocalModel, ModelJob
-
-admin_only = require_role(Role.APPLIANCE_ADMIN)
 
 
 def _list_context(request: HttpRequest) -> dict:
@@ -44,15 +41,15 @@ def _list_context(request: HttpRequest) -> dict:
             "nav": "models"}  # fmt: skip
 
 
-@login_required
 @require_GET
+@requires("model.view")
 def index(request: HttpRequest) -> HttpResponse:
     template = "models_catalog/_table.html" if request.headers.get("HX-Request") else "models_catalog/list.html"
     return render(request, template, _list_context(request))
 
 
-@login_required
 @require_GET
+@requires("model.manage")
 def add(request: HttpRequest) -> HttpResponse:
     return render(
         request, "models_catalog/add.html", {"download": DownloadForm(), "import_form": ImportForm(), "nav": "models"}
@@ -69,7 +66,7 @@ def _add_again(request: HttpRequest, download: DownloadForm, import_form: Import
 
 
 @require_POST
-@admin_only
+@requires("model.manage")
 def download(request: HttpRequest) -> HttpResponse:
     form = DownloadForm(request.POST)
     if not form.is_valid():
@@ -88,13 +85,14 @@ def download(request: HttpRequest) -> HttpResponse:
 
 
 @require_POST
-@admin_only
+@requires("model.manage")
 def import_directory(request: HttpRequest) -> HttpResponse:
     form = ImportForm(request.POST)
     if not form.is_valid():
         return _add_again(request, DownloadForm(), form)
     try:
-        job = LocalModel.request_import(form.cleaned_data["directory"], form.cleaned_data["repo_id"], request.user)
+        data = form.cleaned_data
+        job = LocalModel.request_import(data["directory"], data["repo_id"], request.user, replace=data["replace"])
     except (JobConflict, ImportRefused, UnsafePath) as exc:
         form.add_error(None, str(exc))
         return _add_again(request, DownloadForm(), form)
@@ -102,8 +100,8 @@ def import_directory(request: HttpRequest) -> HttpResponse:
     return redirect("models_catalog:detail", model_id=job.model_id)
 
 
-@login_required
 @require_GET
+@requires("model.view")
 def detail(request: HttpRequest, model_id: int) -> HttpResponse:
     model = get_object_or_404(LocalModel, pk=model_id)
     facts = model.facts()
@@ -118,7 +116,7 @@ def detail(request: HttpRequest, model_id: int) -> HttpResponse:
             "estimate_form": estimate_form,
             "estimate": _estimate(facts, estimate_form),
             "jobs": model.jobs.all()[:20],
-            "active_job": model.active_job(),
+            "shown_job": model.shown_job(),
             "events": AuditEvent.objects.filter(target_type="models_catalog.localmodel", target_id=str(model.pk))[:20],
             "files": model.files.all(),
             "nav": "models",
@@ -135,8 +133,8 @@ def _estimate(facts: dict, form: EstimateForm) -> dict | str | None:
         return str(exc)
 
 
-@login_required
 @require_GET
+@requires("model.view")
 def estimate_panel(request: HttpRequest, model_id: int) -> HttpResponse:
     model = get_object_or_404(LocalModel, pk=model_id)
     form = EstimateForm(request.GET)
@@ -147,8 +145,8 @@ def estimate_panel(request: HttpRequest, model_id: int) -> HttpResponse:
     )
 
 
-@login_required
 @require_GET
+@requires("model.view")
 def job_progress(request: HttpRequest, job_id: int) -> HttpResponse:
     job = get_object_or_404(ModelJob, pk=job_id)
     response = render(request, "models_catalog/_progress.html", {"job": job})
@@ -165,21 +163,22 @@ ACTIONS = {
 }
 
 
+# The rule of each action of the model page (``appliance.roles``); an action not listed is 404.
+ACTION_RULES = {
+    **{action: "model.manage" for action in ("update", "verify", "resume", "check", "delete")},
+    "allow-remote-code": "model.allow_remote_code",
+}
+
+
 @require_POST
-@admin_only
+@requires("model.manage", per_action=ACTION_RULES)
 def act(request: HttpRequest, model_id: int, action: str) -> HttpResponse:
     model = get_object_or_404(LocalModel, pk=model_id)
     try:
         if action == "delete":
             model.request_delete(request.user)
         elif action == "resume":
-            if model.source == LocalModel.Source.IMPORTED:
-                LocalModel.request_import(model.import_path, model.repo_id, request.user)
-            else:
-                LocalModel.request_download(
-                    model.repo_id, model.revision, model.endpoint, model.allow_patterns, model.ignore_patterns,
-                    user=request.user,
-                )  # fmt: skip
+            model.resume(request.user)
         elif action == "check":
             from models_catalog.tasks import check_model
 
@@ -205,7 +204,7 @@ def act(request: HttpRequest, model_id: int, action: str) -> HttpResponse:
 
 
 @require_POST
-@admin_only
+@requires("model.manage")
 def cancel_job(request: HttpRequest, job_id: int) -> HttpResponse:
     job = get_object_or_404(ModelJob, pk=job_id)
     if job.cancel():
@@ -215,8 +214,8 @@ def cancel_job(request: HttpRequest, job_id: int) -> HttpResponse:
     return redirect("models_catalog:list")
 
 
-@login_required
 @require_GET
+@requires("model.view")
 def endpoints(request: HttpRequest) -> HttpResponse:
     return render(
         request,
@@ -226,7 +225,7 @@ def endpoints(request: HttpRequest) -> HttpResponse:
 
 
 @require_POST
-@admin_only
+@requires("hub_endpoint.manage")
 def endpoint_save(request: HttpRequest, endpoint_id: int | None = None) -> HttpResponse:
     instance = get_object_or_404(HubEndpoint, pk=endpoint_id) if endpoint_id else None
     form = EndpointForm(request.POST, instance=instance)
@@ -248,7 +247,7 @@ def endpoint_save(request: HttpRequest, endpoint_id: int | None = None) -> HttpR
 
 
 @require_POST
-@admin_only
+@requires("hub_endpoint.manage")
 def endpoint_delete(request: HttpRequest, endpoint_id: int) -> HttpResponse:
     endpoint = get_object_or_404(HubEndpoint, pk=endpoint_id)
     if endpoint.models.exists():

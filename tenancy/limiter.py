@@ -20,6 +20,7 @@ import math
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import redis
 import redis.asyncio
@@ -34,6 +35,19 @@ local max_conc, reserve = tonumber(ARGV[5]), tonumber(ARGV[6])
 local lease, lease_ttl = ARGV[7], tonumber(ARGV[8])
 local day_ttl, month_ttl = tonumber(ARGV[9]), tonumber(ARGV[10])
 local key_rpm, key_tpm, key_conc = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+-- the day and month of the budgets: Redis's clock, in the appliance's time zone (ARGV[14]: its offset
+-- from UTC in seconds), the civil date computed here (days since 1970 → year, month, day)
+local days = math.floor((tonumber(t[1]) + tonumber(ARGV[14])) / 86400) + 719468
+local era = math.floor(days / 146097)
+local doe = days - era * 146097
+local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+local mp = math.floor((5 * doy + 2) / 153)
+local dd = doy - math.floor((153 * mp + 2) / 5) + 1
+local mm = mp < 10 and mp + 3 or mp - 9
+local yy = yoe + era * 400 + (mm <= 2 and 1 or 0)
+KEYS[3] = KEYS[3] .. string.format('%04d%02d%02d', yy, mm, dd)
+KEYS[4] = KEYS[4] .. string.format('%04d%02d', yy, mm)
 local rem_rpm, rem_tpm, rem_day, rem_month = -1, -1, -1, -1
 local writes = {}
 
@@ -53,7 +67,9 @@ for _, spec in ipairs({{1, rpm, 'rpm'}, {6, key_rpm, 'key_rpm'}}) do
     if tat - now > tau then return {0, spec[3], math.ceil(tat - now - tau), 0, -1, -1, -1} end
     local new = tat + period
     writes[#writes + 1] = {KEYS[spec[1]], new, math.ceil(new - now + period)}
-    rem_rpm = least(rem_rpm, math.floor((tau + period - (new - now)) / period))
+    -- what is left of the minute's limit (the header beside it says the limit per minute); a burst
+    -- of up to a sixth of it may be sent at once, the rest as the minute goes on
+    rem_rpm = least(rem_rpm, math.max(0, math.floor((60000 - (new - now)) / period + 0.001)))
   end
 end
 
@@ -105,7 +121,7 @@ if day_budget > 0 or month_budget > 0 or reserve > 0 then
 end
 if max_conc > 0 then redis.call('ZADD', KEYS[5], now + lease_ttl, lease) end
 if key_conc > 0 then redis.call('ZADD', KEYS[8], now + lease_ttl, lease) end
-return {1, '', 0, rem_rpm, rem_tpm, rem_day, rem_month}
+return {1, '', 0, rem_rpm, rem_tpm, rem_day, rem_month, KEYS[3], KEYS[4]}
 """
 
 SETTLE = """
@@ -163,29 +179,52 @@ class Decision:
     reserved: int = 0
     key_id: int | None = None  # the key's own counters, when it has limits of its own
     key_tpm: int = 0
+    day_key: str = ""  # the budget counters the admission charged
+    month_key: str = ""
 
 
 NO_KEY_LIMITS = Limits()
 
 
-def _keys(department_id: int, now: datetime, key_id: int | None = None) -> list[str]:
-    """The department's counters, then the key's own (same hash tag: one slot, one script)."""
+def _keys(department_id: int, key_id: int | None = None) -> list[str]:
+    """The department's counters, then the key's own (same hash tag: one slot, one script). The day
+    and month counters are prefixes: the admission script appends the date by Redis's clock."""
     tag = f"{{dept:{department_id}}}"
     own = f"lim:{tag}:key:{'-' if key_id is None else key_id}"
-    return [f"lim:{tag}:rpm", f"lim:{tag}:tpm", f"lim:{tag}:day:{now:%Y%m%d}", f"lim:{tag}:month:{now:%Y%m}",
+    return [f"lim:{tag}:rpm", f"lim:{tag}:tpm", f"lim:{tag}:day:", f"lim:{tag}:month:",
             f"lim:{tag}:leases", f"{own}:rpm", f"{own}:tpm", f"{own}:leases"]  # fmt: skip
+
+
+def utc_offset_seconds(at: datetime | None = None) -> int:
+    """The appliance's time zone's offset from UTC now: budget days and months are its days and months."""
+    from django.conf import settings
+
+    moment = (at or datetime.now(UTC)).astimezone(ZoneInfo(settings.TIME_ZONE))
+    offset = moment.utcoffset()
+    return int(offset.total_seconds()) if offset else 0
+
+
+def budget_suffixes(epoch_seconds: float) -> tuple[str, str]:
+    """The day and month a budget counter is named after, at a moment of Redis's clock."""
+    from django.conf import settings
+
+    local = datetime.fromtimestamp(epoch_seconds, ZoneInfo(settings.TIME_ZONE))
+    return f"{local:%Y%m%d}", f"{local:%Y%m}"
 
 
 def _admit_args(limits: Limits, key_limits: Limits, reserve_tokens: int, lease_seconds: float) -> tuple[str, list]:
     lease = secrets.token_hex(8) if limits.concurrency or key_limits.concurrency else ""
     args = [limits.rpm or 0, limits.tpm or 0, limits.tokens_per_day or 0, limits.tokens_per_month or 0,
             limits.concurrency or 0, max(0, int(reserve_tokens)), lease, int(lease_seconds * 1000),
-            2 * 86400, 33 * 86400, key_limits.rpm or 0, key_limits.tpm or 0, key_limits.concurrency or 0]  # fmt: skip
+            2 * 86400, 33 * 86400, key_limits.rpm or 0, key_limits.tpm or 0, key_limits.concurrency or 0,
+            utc_offset_seconds()]  # fmt: skip
     return lease, args
 
 
 def _decision(result: list, lease: str, reserve_tokens: int, key_id: int | None, key_limits: Limits) -> Decision:
     allowed, limit, retry_ms, *remaining = result
+    budget_keys = [k.decode() if isinstance(k, bytes) else str(k) for k in remaining[4:]]
+    remaining = remaining[:4]
     names = ("requests", "tokens", "tokens_per_day", "tokens_per_month")
     decision = Decision(
         bool(allowed),
@@ -196,14 +235,18 @@ def _decision(result: list, lease: str, reserve_tokens: int, key_id: int | None,
     if decision.allowed:
         decision.lease, decision.reserved = lease, max(0, int(reserve_tokens))
         decision.key_id, decision.key_tpm = key_id, key_limits.tpm or 0
+        decision.day_key, decision.month_key = budget_keys
     return decision
 
 
-def _settle_call(department_id: int, limits: Limits, decision: Decision, used_tokens: int) -> tuple[list, list]:
-    keys = _keys(department_id, datetime.now(UTC), decision.key_id)
+def settle_call(department_id: int, limits: Limits, decision: Decision, used_tokens: int) -> tuple[list, list]:
+    """The settle script's keys and arguments: plain strings and numbers, so that a settlement Redis
+    refused can be spooled and sent later. The day and month counters are the ones the admission
+    charged, whatever the date is when the answer ends."""
+    keys = _keys(department_id, decision.key_id)
     delta = max(0, int(used_tokens)) - decision.reserved
-    return [keys[1], keys[2], keys[3], keys[4], keys[6], keys[7]], [limits.tpm or 0, delta, decision.lease,
-                                                                    decision.key_tpm]  # fmt: skip
+    return [keys[1], decision.day_key, decision.month_key, keys[4], keys[6], keys[7]], [
+        limits.tpm or 0, delta, decision.lease, decision.key_tpm]  # fmt: skip
 
 
 class Limiter:
@@ -221,15 +264,28 @@ class Limiter:
         """Admit one request of a department (and of its key, when the key has limits of its own)."""
         lease, args = _admit_args(limits, key_limits, reserve_tokens, lease_seconds)
         try:
-            result = self.admit_script(keys=_keys(department_id, datetime.now(UTC), key_id), args=args)
+            result = self.admit_script(keys=_keys(department_id, key_id), args=args)
         except redis.RedisError:
             return Decision(False, "redis_unavailable", retry_after=1.0)
         return _decision(result, lease, reserve_tokens, key_id, key_limits)
 
     def settle(self, department_id: int, limits: Limits, decision: Decision, used_tokens: int) -> None:
         """Correct the reservation to the real usage (both ways) and release the lease."""
-        keys, args = _settle_call(department_id, limits, decision, used_tokens)
+        keys, args = settle_call(department_id, limits, decision, used_tokens)
         self.settle_script(keys=keys, args=args)
+
+    def budgets_used(self, department_ids: list[int]) -> dict[int, tuple[int, int]]:
+        """Tokens each department has used (reservations in flight included) today and this month,
+        by the counters the admission checks: {department id: (day, month)}. One round trip."""
+        seconds, _micro = self.client.time()
+        day, month = budget_suffixes(seconds)
+        pipe = self.client.pipeline(transaction=False)
+        for department_id in department_ids:
+            keys = _keys(department_id)
+            pipe.get(keys[2] + day)
+            pipe.get(keys[3] + month)
+        values = [int(v or 0) for v in pipe.execute()]
+        return {d: (values[2 * i], values[2 * i + 1]) for i, d in enumerate(department_ids)}
 
     def release(self, department_id: int, limits: Limits, decision: Decision) -> None:
         """The request failed before any token was produced: give everything back."""
@@ -238,10 +294,12 @@ class Limiter:
     def rebuild_budgets(self, department_id: int, day_used: int, month_used: int) -> None:
         """After Redis lost its data: add the usage records' totals to the day/month counters (which
         hold only what was admitted since the loss, if anything)."""
-        keys = _keys(department_id, datetime.now(UTC))
+        keys = _keys(department_id)
+        seconds, micros = self.client.time()
+        day, month = budget_suffixes(seconds + micros / 1e6)
         pipe = self.client.pipeline(transaction=True)
-        pipe.incrby(keys[2], int(day_used)).expire(keys[2], 2 * 86400, nx=True)
-        pipe.incrby(keys[3], int(month_used)).expire(keys[3], 33 * 86400, nx=True)
+        pipe.incrby(keys[2] + day, int(day_used)).expire(keys[2] + day, 2 * 86400, nx=True)
+        pipe.incrby(keys[3] + month, int(month_used)).expire(keys[3] + month, 33 * 86400, nx=True)
         pipe.execute()
 
 
@@ -259,8 +317,14 @@ class AsyncLimiter:
         key_id: int | None = None, key_limits: Limits = NO_KEY_LIMITS,
     ) -> Decision:  # fmt: skip
         lease, args = _admit_args(limits, key_limits, reserve_tokens, lease_seconds)
+        keys = _keys(department_id, key_id)
         try:
-            result = await self.admit_script(keys=_keys(department_id, datetime.now(UTC), key_id), args=args)
+            try:
+                result = await self.admit_script(keys=keys, args=args)
+            except (redis.ConnectionError, ConnectionError):
+                # A pooled connection to a Redis that restarted fails once; the pool has dropped it, so
+                # the same request goes again on a fresh one (a Redis that is down refuses that too).
+                result = await self.admit_script(keys=keys, args=args)
         except (redis.RedisError, OSError):
             return Decision(False, "redis_unavailable", retry_after=1.0)
         return _decision(result, lease, reserve_tokens, key_id, key_limits)
@@ -270,9 +334,18 @@ class AsyncLimiter:
     ) -> None:
         """Queue the settlement on ``pipe`` (executed by the caller, with whatever else it carries). When
         Redis lost the script meanwhile the pipeline raises NoScriptError: call ``settle`` then."""
-        keys, args = _settle_call(department_id, limits, decision, used)
+        keys, args = settle_call(department_id, limits, decision, used)
         pipe.evalsha(self.settle_script.sha, len(keys), *keys, *args)
 
     async def settle(self, department_id: int, limits: Limits, decision: Decision, used: int) -> None:
-        keys, args = _settle_call(department_id, limits, decision, used)
+        keys, args = settle_call(department_id, limits, decision, used)
+        await self.settle_script(keys=keys, args=args)
+
+    settle_call = staticmethod(settle_call)
+
+    def settle_raw_in(self, pipe: redis.asyncio.client.Pipeline, keys: list, args: list) -> None:
+        """Queue a settlement made by ``settle_call`` (perhaps spooled a while ago) on ``pipe``."""
+        pipe.evalsha(self.settle_script.sha, len(keys), *keys, *args)
+
+    async def settle_raw(self, keys: list, args: list) -> None:
         await self.settle_script(keys=keys, args=args)

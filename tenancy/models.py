@@ -11,7 +11,8 @@ from django.db import models, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from appliance.roles import department_ids
+from appliance.archiving import delete_or_archive
+from appliance.roles import can, department_ids
 from tenancy import keys
 from tenancy.limiter import Limits
 
@@ -21,9 +22,19 @@ class DepartmentQuerySet(models.QuerySet):
         ids = department_ids(user)
         return self if ids is None else self.filter(pk__in=ids)
 
+    def active(self) -> DepartmentQuerySet:
+        """Not archived: what lists and pickers show (reports read archived ones too)."""
+        return self.filter(archived_at__isnull=True)
+
 
 class Department(models.Model):
-    """A team sharing the appliance: its quotas and which deployed models it may use."""
+    """A team sharing the appliance: its quotas and which deployed models it may use.
+
+    Deleting a department that usage refers to archives it (``remove()``): its keys are revoked and
+    archived, it leaves the departments list and API, but its row stays, so past usage pages, CSV
+    exports and chargeback read exactly as before. Its name stays reserved: past bills show it, and a
+    new department of the same name would be indistinguishable from it there. A department nothing
+    refers to is really deleted, with its keys and memberships."""
 
     class Priority(models.TextChoices):
         HIGH = "high", _("High")
@@ -33,14 +44,17 @@ class Department(models.Model):
     name = models.CharField(_("name"), max_length=100, unique=True)
     contact = models.CharField(_("contact"), max_length=200, blank=True)
     priority = models.CharField(_("priority"), max_length=8, choices=Priority.choices, default=Priority.NORMAL)
-    deployments = models.ManyToManyField("provisioning.Deployment", blank=True, related_name="departments")
+    deployments = models.ManyToManyField(
+        "provisioning.Deployment", verbose_name=_("deployments"), blank=True, related_name="departments"
+    )
     rpm = models.PositiveIntegerField(_("requests per minute"), null=True, blank=True)
     tpm = models.PositiveIntegerField(_("tokens per minute"), null=True, blank=True)
     tokens_per_day = models.PositiveBigIntegerField(_("tokens per day"), null=True, blank=True)
     tokens_per_month = models.PositiveBigIntegerField(_("tokens per month"), null=True, blank=True)
     max_concurrency = models.PositiveIntegerField(_("concurrent requests"), null=True, blank=True)
-    max_tokens_per_request = models.PositiveIntegerField(_("max_tokens per request"), null=True, blank=True)
+    max_tokens_per_request = models.PositiveIntegerField(_("most tokens per request"), null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
+    archived_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     objects = DepartmentQuerySet.as_manager()
 
@@ -52,6 +66,32 @@ class Department(models.Model):
 
     def limits(self) -> Limits:
         return Limits(self.rpm, self.tpm, self.tokens_per_day, self.tokens_per_month, self.max_concurrency)
+
+    def remove(self) -> str:
+        """Delete it, or archive it when usage refers to it; returns ``"deleted"`` or ``"archived"``."""
+        return delete_or_archive(self, self.archive)
+
+    def archive(self) -> None:
+        """Keep the row for the bills; its keys stop working at once."""
+        now = timezone.now()
+        with transaction.atomic():
+            for key in self.api_keys.filter(archived_at__isnull=True):
+                key.archive(now)
+            Department.objects.filter(pk=self.pk).update(archived_at=now)
+        self.archived_at = now
+
+    # Who may do what to it: ``appliance.roles``' table, with this department as the scope.
+
+    def can_manage_keys(self, user: Any) -> bool:
+        """Issue, rotate, revoke: appliance admins, and this department's admins (admin membership)."""
+        return can(user, "api_key.manage", self)
+
+    def can_manage(self, user: Any) -> bool:
+        """Quotas, allowed deployments, deletion."""
+        return can(user, "department.manage", self)
+
+    def can_manage_members(self, user: Any) -> bool:
+        return can(user, "member.manage", self)
 
 
 class Membership(models.Model):
@@ -75,9 +115,20 @@ class ApiKeyQuerySet(models.QuerySet):
         ids = department_ids(user)
         return self if ids is None else self.filter(department_id__in=ids)
 
+    def active(self) -> ApiKeyQuerySet:
+        """Not archived: what a department's key list shows (reports read archived ones too)."""
+        return self.filter(archived_at__isnull=True)
+
 
 class ApiKey(models.Model):
-    """A key issued to a department for a team or an application. Only its hash is stored."""
+    """A key issued to a department for a team or an application. Only its hash is stored.
+
+    It may use every deployment of its department (``all_deployments``, now and later) or exactly
+    those in ``deployments`` (still only those its department may use); with the flag off, an empty
+    list allows nothing, also when the last deployment of the list was deleted.
+
+    Deleting a key that usage refers to archives it (``remove()``): it is revoked and leaves the key
+    lists, but its row stays for the bills. Key names need not be unique, so nothing is reserved."""
 
     department = models.ForeignKey(Department, on_delete=models.CASCADE, related_name="api_keys")
     name = models.CharField(_("name"), max_length=100)
@@ -90,17 +141,28 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
-    # Rotation: the old key keeps working until ``grace_until``, then counts as revoked.
+    # Rotation: the old key keeps working until ``grace_until``, then counts as revoked; the page and
+    # the API offer the same longest grace and the same default.
+    ROTATION_GRACE_MAX_MINUTES = 7 * 24 * 60
+    ROTATION_GRACE_DEFAULT_MINUTES = 60
     replaced_by = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replaces"
     )
     grace_until = models.DateTimeField(null=True, blank=True)
     # Optional limits that can only narrow the department's.
-    rpm = models.PositiveIntegerField(null=True, blank=True)
-    tpm = models.PositiveIntegerField(null=True, blank=True)
-    max_concurrency = models.PositiveIntegerField(null=True, blank=True)
-    max_tokens_per_request = models.PositiveIntegerField(null=True, blank=True)
-    deployments = models.ManyToManyField("provisioning.Deployment", blank=True, related_name="+")
+    rpm = models.PositiveIntegerField(_("requests per minute"), null=True, blank=True)
+    tpm = models.PositiveIntegerField(_("tokens per minute"), null=True, blank=True)
+    max_concurrency = models.PositiveIntegerField(_("concurrent requests"), null=True, blank=True)
+    max_tokens_per_request = models.PositiveIntegerField(_("most tokens per request"), null=True, blank=True)
+    all_deployments = models.BooleanField(
+        _("all of the department's deployments"),
+        default=True,
+        help_text=_("Every deployment the department may use, now and later. Off: only those chosen below."),
+    )
+    deployments = models.ManyToManyField(
+        "provisioning.Deployment", verbose_name=_("deployments"), blank=True, related_name="+"
+    )
+    archived_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     objects = ApiKeyQuerySet.as_manager()
 
@@ -111,17 +173,22 @@ class ApiKey(models.Model):
         return f"{self.name} ({keys.PREFIX}{self.key_id[:4]}…)"
 
     @classmethod
-    def issue(cls, department: Department, name: str, user: Any = None, **fields: Any) -> tuple[ApiKey, str]:
+    def issue(
+        cls, department: Department, name: str, user: Any = None, deployments: Any = (), **fields: Any
+    ) -> tuple[ApiKey, str]:
         """Create a key; returns it with the raw secret, shown once and stored nowhere."""
         generated = keys.generate()
-        key = cls.objects.create(
-            department=department,
-            name=name,
-            key_id=generated.key_id,
-            key_hash=generated.hash,
-            created_by=user,
-            **fields,
-        )
+        with transaction.atomic():
+            key = cls.objects.create(
+                department=department,
+                name=name,
+                key_id=generated.key_id,
+                key_hash=generated.hash,
+                created_by=user,
+                **fields,
+            )
+            if deployments:
+                key.deployments.set(deployments)
         return key, generated.raw
 
     @classmethod
@@ -139,13 +206,31 @@ class ApiKey(models.Model):
     @property
     def is_usable(self) -> bool:
         now = timezone.now()
+        if self.archived_at is not None:
+            return False
         if self.revoked_at is not None and self.revoked_at <= now:
             return False
         return self.expires_at is None or self.expires_at > now
 
+    def can_manage(self, user: Any) -> bool:
+        """Rotate or revoke it: whoever may manage its department's keys."""
+        return self.department.can_manage_keys(user)
+
     def revoke(self) -> None:
         self.revoked_at = timezone.now()
         self.save(update_fields=["revoked_at"])
+
+    def remove(self) -> str:
+        """Delete it, or archive it when usage refers to it; returns ``"deleted"`` or ``"archived"``."""
+        return delete_or_archive(self, self.archive)
+
+    def archive(self, now: Any = None) -> None:
+        """Revoke it (a grace period ends too) and keep the row for the bills."""
+        now = now or timezone.now()
+        if self.revoked_at is None or self.revoked_at > now:
+            self.revoked_at = now
+        self.archived_at = now
+        self.save(update_fields=["revoked_at", "archived_at"])
 
     def rotate(self, grace: timedelta, user: Any = None) -> tuple[ApiKey, str]:
         """A new key with the same settings; this one keeps working for ``grace``."""
@@ -153,6 +238,7 @@ class ApiKey(models.Model):
             new, raw = ApiKey.issue(
                 self.department, self.name, user, expires_at=self.expires_at, rpm=self.rpm, tpm=self.tpm,
                 max_concurrency=self.max_concurrency, max_tokens_per_request=self.max_tokens_per_request,
+                all_deployments=self.all_deployments,
             )  # fmt: skip
             new.deployments.set(self.deployments.all())
             self.replaced_by = new
@@ -174,10 +260,14 @@ class ApiKey(models.Model):
         return min(caps) if caps else None
 
     def allowed_deployment_ids(self) -> set[int]:
-        """The department's models, narrowed to the key's list when it has one."""
-        allowed = set(self.department.deployments.values_list("pk", flat=True))
-        own = set(self.deployments.values_list("pk", flat=True))
-        return allowed & own if own else allowed
+        """The department's deployments, or those of them in the key's list when ``all_deployments`` is
+        off (an empty list: none). Archived deployments, keys and departments allow nothing."""
+        if self.archived_at is not None or self.department.archived_at is not None:
+            return set()
+        allowed = set(self.department.deployments.filter(archived_at__isnull=True).values_list("pk", flat=True))
+        if self.all_deployments:
+            return allowed
+        return allowed & set(self.deployments.values_list("pk", flat=True))
 
 
 class UsageRecord(models.Model):
@@ -186,9 +276,10 @@ class UsageRecord(models.Model):
 
     stream_id = models.CharField(max_length=40, unique=True)
     created_at = models.DateTimeField()
-    department = models.ForeignKey(Department, null=True, on_delete=models.SET_NULL, related_name="usage_records")
-    api_key = models.ForeignKey(ApiKey, null=True, on_delete=models.SET_NULL, related_name="usage_records")
-    deployment = models.ForeignKey("provisioning.Deployment", null=True, on_delete=models.SET_NULL, related_name="+")
+    # PROTECT: what a bill refers to is archived, never deleted (``appliance.archiving``).
+    department = models.ForeignKey(Department, null=True, on_delete=models.PROTECT, related_name="usage_records")
+    api_key = models.ForeignKey(ApiKey, null=True, on_delete=models.PROTECT, related_name="usage_records")
+    deployment = models.ForeignKey("provisioning.Deployment", null=True, on_delete=models.PROTECT, related_name="+")
     model = models.CharField(max_length=200)
     endpoint = models.CharField(max_length=40)
     prompt_tokens = models.PositiveIntegerField(default=0)
@@ -211,8 +302,31 @@ class UsageRecord(models.Model):
         return self.prompt_tokens + self.completion_tokens
 
 
+class SetAsideUsage(models.Model):
+    """A usage entry the database refused (``tenancy.usage.drain`` tried it alone and it still
+    failed): kept here with the reason, never blocking the entries after it, for an admin to read.
+    ``fields`` is the stream entry as ASCII-escaped JSON, so whatever made the row fail (a NUL, a
+    byte that is not UTF-8) is kept visibly and cannot fail again."""
+
+    stream_id = models.CharField(max_length=40, unique=True)
+    set_aside_at = models.DateTimeField(auto_now_add=True)
+    reason = models.CharField(max_length=500)
+    fields = models.TextField()
+
+    class Meta:
+        ordering = ["-set_aside_at"]
+
+    def __str__(self) -> str:
+        return f"{self.stream_id}: {self.reason}"
+
+
 _REPORTED = ["api_key", "model", "requests", "errors", "prompt_tokens", "completion_tokens", "latency_ms_sum",
              "ttft_ms_sum", "ttft_count"]  # fmt: skip
+
+
+def price_detail(price: ModelPrice) -> dict[str, str]:
+    """A price's figures as the audit log keeps them."""
+    return {name: str(getattr(price, name)) for name in ("prompt_per_million", "completion_per_million", "gpu_hour")}
 
 
 class UsageRollup(models.Model):
@@ -224,8 +338,8 @@ class UsageRollup(models.Model):
 
     period = models.CharField(max_length=4, choices=Period.choices)
     start = models.DateTimeField()
-    department = models.ForeignKey(Department, on_delete=models.CASCADE, related_name="rollups")
-    api_key = models.ForeignKey(ApiKey, on_delete=models.CASCADE, related_name="rollups")
+    department = models.ForeignKey(Department, on_delete=models.PROTECT, related_name="rollups")
+    api_key = models.ForeignKey(ApiKey, on_delete=models.PROTECT, related_name="rollups")
     model = models.CharField(max_length=200)
     requests = models.PositiveIntegerField(default=0)
     errors = models.PositiveIntegerField(default=0)
@@ -254,7 +368,7 @@ class UsageRollup(models.Model):
 class DeploymentHours(models.Model):
     """GPU time a deployment held, per hour (for chargeback), accumulated by a beat task."""
 
-    deployment = models.ForeignKey("provisioning.Deployment", on_delete=models.CASCADE, related_name="hours")
+    deployment = models.ForeignKey("provisioning.Deployment", on_delete=models.PROTECT, related_name="hours")
     start = models.DateTimeField()
     replica_seconds = models.FloatField(default=0)
     gpu_seconds = models.FloatField(default=0)
@@ -284,3 +398,18 @@ class ModelPrice(models.Model):
 
     def __str__(self) -> str:
         return self.model
+
+    @staticmethod
+    def visible_to(user: Any) -> models.QuerySet:
+        """Every price for global roles; for department roles, those of the deployments they may use."""
+        from provisioning.models import Deployment
+
+        prices = ModelPrice.objects.all()
+        if department_ids(user) is None:
+            return prices
+        return prices.filter(model__in=Deployment.objects.visible_to(user).values("name"))
+
+    @staticmethod
+    def can_set(user: Any) -> bool:
+        """Prices apply to every department's bill: appliance admins only."""
+        return can(user, "price.set")

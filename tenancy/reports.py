@@ -23,6 +23,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from itertools import islice
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Case, F, QuerySet, Sum, When
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -107,12 +108,27 @@ def scoped_rollups(user: Any, span: Range, departments: Iterable[int] | None = N
     none gets no department condition at all: the database then reads one (period, start) index
     range instead of probing the range once per department (three times faster over a month)."""
     rows = UsageRollup.objects.filter(period=span.period, start__gte=span.since, start__lt=span.until).order_by()
+    return _scoped(rows, user, departments)
+
+
+def _scoped(rows: QuerySet[UsageRollup], user: Any, departments: Iterable[int] | None = None) -> QuerySet[UsageRollup]:
+    """``rows`` of the departments ``user`` may see (no condition for who sees them all), narrowed to
+    ``departments`` when given."""
     visible = department_ids(user)
     if visible is not None:
         rows = rows.filter(department_id__in=sorted(visible))
     if departments is not None:
         rows = rows.filter(department_id__in=sorted(set(departments)))
     return rows
+
+
+def tokens_by_model(user: Any, hours: int = 24) -> dict[str, int]:
+    """Tokens (prompt and completion) per served model name over the last ``hours`` whole and current
+    hours, of the departments ``user`` may see: the deployment list's traffic column."""
+    since = timezone.now().replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
+    rows = _scoped(UsageRollup.objects.filter(period=UsageRollup.Period.HOUR, start__gte=since).order_by(), user)
+    summed = rows.values("model").annotate(tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
+    return {row["model"]: row["tokens"] or 0 for row in summed}
 
 
 @dataclass
@@ -244,6 +260,11 @@ def _chart(rows: QuerySet[UsageRollup], name: str, span: Range, ranked: list[dic
         errors[i] += g["errors"] or 0
     return {
         "labels": [span.label(moment) for moment in buckets],
+        # The same buckets for the browser, which writes them in the page's language: epoch ms, and
+        # whether they are hours (written in the appliance's time zone) or UTC days.
+        "moments": [int(moment.timestamp() * 1000) for moment in buckets],
+        "period": span.period,
+        "time_zone": settings.TIME_ZONE,
         "tokens": [{"label": label, "data": data} for label, data in tokens.items()],
         "requests": [{"label": _("Requests"), "data": requests}, {"label": _("Errors"), "data": errors}],
         "axis": {"tokens": _("Tokens"), "requests": _("Requests")},
@@ -493,7 +514,7 @@ def chargeback(user: Any, month: date) -> Chargeback:
 
 CHARGEBACK_CSV_HEADER = [
     "month", "department_id", "department", "model", "prompt_tokens", "completion_tokens", "token_cost",
-    "gpu_hours", "gpu_cost", "total",
+    "gpu_hours", "gpu_cost", "total", "currency",
 ]  # fmt: skip
 
 
@@ -505,8 +526,9 @@ def chargeback_csv(report: Chargeback) -> Iterator[str]:
     for charge in report.departments:
         for line in charge.lines:
             row = [month, charge.department.pk, _cell(charge.department.name), _cell(line.model), line.prompt_tokens,
-                   line.completion_tokens, line.token_cost, line.gpu_hours, line.gpu_cost, line.total]  # fmt: skip
+                   line.completion_tokens, line.token_cost, line.gpu_hours, line.gpu_cost, line.total,
+                   settings.CURRENCY]  # fmt: skip
             yield writer.writerow(row)
     for item in report.unallocated:
         yield writer.writerow([month, "", "", _cell(item.model), 0, 0, "0.00", item.gpu_hours, item.gpu_cost,
-                               item.gpu_cost])  # fmt: skip
+                               item.gpu_cost, settings.CURRENCY])  # fmt: skip

@@ -2,7 +2,11 @@
 (``entry()`` builds it); ``drain()`` moves entries into ``UsageRecord`` rows in batches and adds them
 to the hourly/daily roll-ups in the same transaction, then acknowledges them. A drainer that died
 mid-batch leaves its entries pending; the next one claims them, and ``stream_id`` keeps a batch
-that was already written from being counted twice.
+that was already written from being counted twice. Only acknowledged entries leave the stream (no
+trimming by length). Strings are cleaned of control characters and bytes that are not UTF-8 (the
+tokens are billed all the same); an entry the database still refuses is tried alone and, refused
+again, set aside (``SetAsideUsage``, with the reason, listed for admins) so that it never blocks the
+entries after it. A database that is down is not a refusal: nothing is acknowledged, all is retried.
 
 ``rebuild_budgets()`` restores the limiter's day/month counters from the roll-ups after Redis lost
 its data (a marker key that only a rebuild sets tells that it did). ``account_gpu_hours()`` adds
@@ -10,19 +14,27 @@ the GPU time ready replicas held to ``DeploymentHours`` for chargeback."""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import redis
-from django.db import connection, transaction
+from django.conf import settings
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Sum
 
 STREAM = "usage:stream"
 GROUP = "db"
-STREAM_MAXLEN = 2_000_000  # about a day of a busy box; trimmed approximately
+log = logging.getLogger(__name__)
+# What a recorded string may not hold: C0/C1 controls (NUL among them), lone surrogates, and the
+# bidirectional overrides that make a text read otherwise than it is.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 MARKER = "usage:budgets-rebuilt"
 GPU_TICK = "usage:gpu-hours:last"
 
@@ -43,27 +55,37 @@ def entry(
     client: str = "",
     at: float | None = None,
 ) -> dict[str, str]:
-    """One stream entry (flat strings, as Redis streams store them)."""
+    """One stream entry (flat strings, as Redis streams store them; strings cleaned and cut to their
+    columns' lengths)."""
     return {
         "t": f"{time.time() if at is None else at:.6f}",
         "d": "" if department_id is None else str(department_id),
         "k": "" if key_id is None else str(key_id),
         "p": "" if deployment_id is None else str(deployment_id),
-        "m": model[:200],
-        "e": endpoint[:40],
+        "m": clean(model, 200),
+        "e": clean(endpoint, 40),
         "pt": str(max(0, int(prompt_tokens))),
         "ct": str(max(0, int(completion_tokens))),
         "l": f"{latency_ms:.3f}",
         "f": "" if ttft_ms is None else f"{ttft_ms:.3f}",
         "s": str(int(status)),
-        "x": error[:60],
-        "c": client[:64],
+        "x": clean(error, 60),
+        "c": clean(client, 64),
     }
 
 
+def clean(value: str, length: int) -> str:
+    """``value`` without control characters, lone surrogates or bidirectional overrides, at most
+    ``length`` characters."""
+    if value.isascii() and value.isprintable():  # the usual case, without the regular expression
+        return value[:length]
+    return _UNPRINTABLE.sub("", value)[:length]
+
+
 def publish(client: redis.Redis, fields: dict[str, str]) -> None:
-    """Append one entry (the gateway pipelines the same XADD with its settle call instead)."""
-    client.xadd(STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
+    """Append one entry (the gateway pipelines the same XADD with its settle call instead). The stream
+    is never trimmed: entries leave it only once the drain acknowledged them."""
+    client.xadd(STREAM, fields)
 
 
 def _ensure_group(client: redis.Redis) -> None:
@@ -75,7 +97,7 @@ def _ensure_group(client: redis.Redis) -> None:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _int_or_none(value: str) -> int | None:
@@ -107,48 +129,100 @@ def drain(client: redis.Redis, consumer: str = "drainer", batch: int = 1000, max
 
 
 def _write(messages: list[tuple[str, dict[str, str]]]) -> int:
+    """Write a batch in one transaction; when the database refuses it, each entry alone, setting
+    aside those it still refuses. Returns the records written."""
+    records, refused = [], []
+    for mid, fields in messages:
+        try:
+            records.append(_record(mid, fields))
+        except (KeyError, ValueError, OverflowError) as exc:
+            refused.append((mid, fields, f"unreadable entry: {type(exc).__name__}: {exc}"))
+    try:
+        written = _insert(records)
+    except (OperationalError, InterfaceError):
+        raise  # the database is away: nothing is acknowledged, the batch comes back
+    except (DatabaseError, ValueError) as exc:
+        log.warning("the database refused a usage batch (%s); writing its entries one by one", exc)
+        written, fields_of = 0, dict(messages)
+        for record in records:
+            try:
+                written += _insert([record])
+            except (OperationalError, InterfaceError):
+                raise
+            except (DatabaseError, ValueError) as one:
+                refused.append((record.stream_id, fields_of[record.stream_id], f"{type(one).__name__}: {one}"))
+    if refused:
+        _set_aside(refused)
+    return written
+
+
+def _record(mid: str, fields: dict[str, str]) -> Any:
+    from tenancy.models import UsageRecord
+
+    return UsageRecord(
+        stream_id=mid,
+        created_at=datetime.fromtimestamp(float(fields["t"]), UTC),
+        department_id=_int_or_none(fields.get("d", "")),
+        api_key_id=_int_or_none(fields.get("k", "")),
+        deployment_id=_int_or_none(fields.get("p", "")),
+        model=clean(fields.get("m", ""), 200),
+        endpoint=clean(fields.get("e", ""), 40),
+        prompt_tokens=_count(fields.get("pt")),
+        completion_tokens=_count(fields.get("ct")),
+        latency_ms=float(fields.get("l") or 0),
+        ttft_ms=float(fields["f"]) if fields.get("f") else None,
+        status=int(fields.get("s") or 0),
+        error=clean(fields.get("x", ""), 60),
+        client=clean(fields.get("c", ""), 64),
+    )
+
+
+def _count(value: str | None) -> int:
+    number = int(value or 0)
+    if not 0 <= number < 2**31:
+        raise ValueError(f"a token count out of range: {number}")
+    return number
+
+
+def _insert(records: list[Any]) -> int:
     from tenancy.models import ApiKey, Department, UsageRecord
 
     with transaction.atomic():
         seen = set(
-            UsageRecord.objects.filter(stream_id__in=[mid for mid, _ in messages]).values_list("stream_id", flat=True)
+            UsageRecord.objects.filter(stream_id__in=[r.stream_id for r in records]).values_list("stream_id", flat=True)
         )
-        named = [(_int_or_none(f.get("d", "")), _int_or_none(f.get("k", ""))) for _, f in messages]
-        departments = set(Department.objects.filter(pk__in={d for d, _ in named if d}).values_list("pk", flat=True))
-        keys = set(
-            ApiKey.objects.filter(pk__in={k for _, k in named if k}, department_id__in=departments).values_list(
+        records = [r for r in records if r.stream_id not in seen]
+        departments = set(
+            Department.objects.filter(pk__in={r.department_id for r in records if r.department_id}).values_list(
                 "pk", flat=True
             )
         )
-        records = []
-        for mid, fields in messages:
-            if mid in seen:
-                continue
-            department_id = _int_or_none(fields.get("d", ""))
-            key_id = _int_or_none(fields.get("k", ""))
-            records.append(
-                UsageRecord(
-                    stream_id=mid,
-                    created_at=datetime.fromtimestamp(float(fields["t"]), UTC),
-                    department_id=department_id if department_id in departments else None,
-                    api_key_id=key_id if key_id in keys else None,
-                    deployment_id=_int_or_none(fields.get("p", "")),
-                    model=fields.get("m", ""),
-                    endpoint=fields.get("e", ""),
-                    prompt_tokens=int(fields.get("pt") or 0),
-                    completion_tokens=int(fields.get("ct") or 0),
-                    latency_ms=float(fields.get("l") or 0),
-                    ttft_ms=float(fields["f"]) if fields.get("f") else None,
-                    status=int(fields.get("s") or 0),
-                    error=fields.get("x", ""),
-                    client=fields.get("c", ""),
-                )
-            )
+        keys = set(
+            ApiKey.objects.filter(
+                pk__in={r.api_key_id for r in records if r.api_key_id}, department_id__in=departments
+            ).values_list("pk", flat=True)
+        )
+        for record in records:
+            if record.department_id not in departments:
+                record.department_id = None
+            if record.api_key_id not in keys:
+                record.api_key_id = None
         _fix_deployments(records)
         UsageRecord.objects.bulk_create(records, batch_size=500)
         add_to_rollups(records)
         _touch_keys(records)
     return len(records)
+
+
+def _set_aside(refused: list[tuple[str, dict[str, str], str]]) -> None:
+    from tenancy.models import SetAsideUsage
+
+    log.error("%d usage entries set aside (the database refused them); see Usage → Set aside", len(refused))
+    SetAsideUsage.objects.bulk_create(
+        [SetAsideUsage(stream_id=mid, reason=clean(reason, 500), fields=json.dumps(fields, ensure_ascii=True))
+         for mid, fields, reason in refused],
+        ignore_conflicts=True,
+    )  # fmt: skip
 
 
 def _fix_deployments(records: list[Any]) -> None:
@@ -224,10 +298,13 @@ def _touch_keys(records: list[Any]) -> None:
 
 
 def tokens_used(department_id: int, since: datetime) -> int:
-    """Tokens a department used since ``since`` (a day or month boundary), from the daily roll-ups."""
+    """Tokens a department used since ``since`` (a day or month boundary of the appliance's time zone),
+    from the hourly roll-ups (its days need not be UTC days; the hour that holds the boundary counts
+    whole, so a rebuilt budget errs on the side of the department having used more)."""
     from tenancy.models import UsageRollup
 
-    totals = UsageRollup.objects.filter(period="day", department_id=department_id, start__gte=since).aggregate(
+    since = period_start(since, "hour")
+    totals = UsageRollup.objects.filter(period="hour", department_id=department_id, start__gte=since).aggregate(
         p=Sum("prompt_tokens"), c=Sum("completion_tokens")
     )
     return (totals["p"] or 0) + (totals["c"] or 0)
@@ -240,8 +317,9 @@ def rebuild_budgets(client: redis.Redis) -> bool:
 
     if client.exists(MARKER):
         return False
-    now = datetime.now(UTC)
-    day = period_start(now, "day")
+    seconds, micros = client.time()  # the limiter's clock, in the appliance's time zone
+    now = datetime.fromtimestamp(seconds + micros / 1e6, ZoneInfo(settings.TIME_ZONE))
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     month = day.replace(day=1)
     limiter = Limiter(client)
     for department_id in Department.objects.values_list("pk", flat=True):
@@ -267,8 +345,9 @@ def account_gpu_hours(client: redis.Redis) -> int:
         return 0
     hour = period_start(datetime.fromtimestamp(now, UTC), "hour")
     per_deployment: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for replica in Replica.objects.filter(state=Replica.State.READY).select_related("deployment"):
-        gpus = len(replica.gpu_ids) or replica.deployment.tensor_parallel
+    for replica in Replica.objects.filter(state=Replica.State.READY).select_related("deployment__runtime"):
+        # An engine on the CPU build holds no GPU: its time is counted, its GPU-hours are none.
+        gpus = 0 if replica.deployment.runtime.is_cpu else len(replica.gpu_ids) or replica.deployment.tensor_parallel
         per_deployment[replica.deployment_id][0] += elapsed
         per_deployment[replica.deployment_id][1] += elapsed * gpus
     with transaction.atomic():

@@ -4,69 +4,88 @@ are 404, never 403 with details; report filters naming them are refused like unk
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from itertools import islice
 from typing import Any
 
+import redis
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
 from django.core.handlers.asgi import ASGIRequest
 from django.core.paginator import Paginator
-from django.db.models import Prefetch
+from django.db import transaction
+from django.db.models import Count, Q
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from appliance import audit
-from appliance.roles import Role, forbidden, login_redirect, require_role, role_of
+from appliance.archiving import ARCHIVED
+from appliance.roles import forbidden, requires
+from appliance.worker import redis_client
 from provisioning.models import Deployment
 from tenancy import reports
 from tenancy.forms import DepartmentForm, KeyForm, MemberForm, ModelPriceForm, MonthForm, RotateForm, UsageFilterForm
-from tenancy.models import ApiKey, Department, Membership, ModelPrice
+from tenancy.limiter import Limiter
+from tenancy.models import ApiKey, Department, Membership, ModelPrice, price_detail
 
-admin_only = require_role(Role.APPLIANCE_ADMIN)
 PAGE_SIZE = 50  # departments per page of the list, API keys per page of a department
 PANEL_KEY_ROWS = 25  # keys in a department page's usage table; the full report has the rest
 
 
-def can_manage_keys(user: Any, department: Department) -> bool:
-    if role_of(user) == Role.APPLIANCE_ADMIN:
-        return True
-    return Membership.objects.filter(user=user, department=department, role=Membership.Role.ADMIN).exists()
-
-
 def _department(request: HttpRequest, department_id: int) -> Department:
-    return get_object_or_404(Department.objects.visible_to(request.user), pk=department_id)
+    """A department the user may see and that is not deleted (archived ones are kept for the bills)."""
+    return get_object_or_404(Department.objects.visible_to(request.user).active(), pk=department_id)
 
 
 def _list_context(request: HttpRequest, form: DepartmentForm) -> dict[str, Any]:
-    # The keys are prefetched (ids only) for the list's key count: one query, not one per department.
-    departments = Department.objects.visible_to(request.user).prefetch_related(
-        Prefetch("api_keys", queryset=ApiKey.objects.only("pk", "department_id").order_by())
+    now = timezone.now()
+    usable = (Q(api_keys__archived_at__isnull=True) & (Q(api_keys__revoked_at__isnull=True)
+              | Q(api_keys__revoked_at__gt=now)) & (Q(api_keys__expires_at__isnull=True)
+              | Q(api_keys__expires_at__gt=now)))  # fmt: skip
+    departments = (
+        Department.objects.visible_to(request.user)
+        .active()
+        .annotate(usable_keys=Count("api_keys", filter=usable))
+        .order_by("name")
     )
     page = Paginator(departments, PAGE_SIZE).get_page(request.GET.get("page"))
+    _add_consumption(list(page))
     return {"departments": page, "page": page, "form": form, "nav": "departments"}
 
 
-@login_required
+def _add_consumption(departments: list[Department]) -> None:
+    """``used_today``/``used_this_month`` on each, from the limiter's counters (None: Redis is away)."""
+    try:
+        used = Limiter(redis_client()).budgets_used([d.pk for d in departments])
+    except redis.RedisError:
+        used = {}
+    for department in departments:
+        department.used_today, department.used_this_month = used.get(department.pk, (None, None))
+
+
 @require_GET
+@requires("department.view")
 def index(request: HttpRequest) -> HttpResponse:
     return render(request, "tenancy/list.html", _list_context(request, DepartmentForm()))
 
 
 @require_POST
-@admin_only
+@requires("department.manage")
 def create(request: HttpRequest) -> HttpResponse:
     form = DepartmentForm(request.POST)
     if not form.is_valid():
         return render(request, "tenancy/list.html", _list_context(request, form), status=400)
     department = form.save()
     audit.record(request, "department.create", department)
+    messages.success(request, _("Department %(name)s created. Issue it a key below.") % {"name": department.name})
     return redirect("tenancy:detail", department_id=department.pk)
 
 
@@ -84,33 +103,42 @@ def _usage_panel(request: HttpRequest, department: Department) -> dict[str, Any]
 
 
 def _detail_context(request: HttpRequest, department: Department, **forms: Any) -> dict[str, Any]:
+    _add_consumption([department])
     return {
         "department": department,
         "form": forms.get("form") or DepartmentForm(instance=department),
         "member_form": forms.get("member_form") or MemberForm(),
-        "key_form": forms.get("key_form") or KeyForm(),
+        "key_form": forms.get("key_form") or KeyForm(department=department),
         "rotate_form": RotateForm(),
         "members": department.memberships.select_related("user"),
-        "keys": Paginator(ApiKey.objects.visible_to(request.user).filter(department=department), PAGE_SIZE).get_page(
-            request.GET.get("page")
-        ),
-        "can_manage_keys": can_manage_keys(request.user, department),
+        "keys": Paginator(
+            ApiKey.objects.visible_to(request.user)
+            .active()
+            .filter(department=department)
+            .prefetch_related("deployments"),
+            PAGE_SIZE,
+        ).get_page(request.GET.get("page")),
+        "can_manage_keys": department.can_manage_keys(request.user),
+        "can_manage": department.can_manage(request.user),
+        "can_manage_members": department.can_manage_members(request.user),
         "usage": _usage_panel(request, department),
         "nav": "departments",
     }
 
 
-@login_required
 @require_GET
+@requires("department.view")
 def detail(request: HttpRequest, department_id: int) -> HttpResponse:
     department = _department(request, department_id)
     return render(request, "tenancy/detail.html", _detail_context(request, department))
 
 
 @require_POST
-@admin_only
+@requires("department.manage")
 def update(request: HttpRequest, department_id: int) -> HttpResponse:
-    department = get_object_or_404(Department, pk=department_id)
+    department = _department(request, department_id)
+    if not department.can_manage(request.user):
+        return forbidden(request, "department.update")
     form = DepartmentForm(request.POST, instance=department)
     if not form.is_valid():
         department.refresh_from_db()
@@ -123,9 +151,30 @@ def update(request: HttpRequest, department_id: int) -> HttpResponse:
 
 
 @require_POST
-@admin_only
+@requires("department.manage")
+def delete_department(request: HttpRequest, department_id: int) -> HttpResponse:
+    """Delete the department, or archive it when past usage refers to it (``Department.remove``)."""
+    department = _department(request, department_id)
+    if not department.can_manage(request.user):
+        return forbidden(request, "department.delete")
+    keys_count = department.api_keys.active().count()
+    outcome = department.remove()
+    audit.record(request, "department.delete", department, detail={"keys": keys_count, "outcome": outcome})
+    if outcome == ARCHIVED:
+        text = _("Department %(name)s deleted. Past usage refers to it, so it is kept, archived, for the bills, "
+                 "and its name stays taken.")  # fmt: skip
+        messages.success(request, text % {"name": department.name})
+    else:
+        messages.success(request, _("Department %(name)s deleted.") % {"name": department.name})
+    return redirect("tenancy:list")
+
+
+@require_POST
+@requires("member.manage")
 def add_member(request: HttpRequest, department_id: int) -> HttpResponse:
-    department = get_object_or_404(Department, pk=department_id)
+    department = _department(request, department_id)
+    if not department.can_manage_members(request.user):
+        return forbidden(request, "department.member_set")
     form = MemberForm(request.POST)
     if not form.is_valid():
         return render(
@@ -136,47 +185,93 @@ def add_member(request: HttpRequest, department_id: int) -> HttpResponse:
     )
     audit.record(request, "department.member_set", department, detail={"user": membership.user.username,
                                                                        "role": membership.role})  # fmt: skip
+    messages.success(
+        request,
+        _("%(user)s is now %(role)s of %(department)s.")
+        % {"user": membership.user.username, "role": membership.get_role_display(), "department": department.name},
+    )
     return redirect("tenancy:detail", department_id=department.pk)
 
 
 @require_POST
-@never_cache
-def issue_key(request: HttpRequest, department_id: int) -> HttpResponse:
-    if not request.user.is_authenticated:  # the session expired on the department page
-        return login_redirect(request)
+@requires("member.manage")
+def remove_member(request: HttpRequest, department_id: int, user_id: int) -> HttpResponse:
     department = _department(request, department_id)
-    if not can_manage_keys(request.user, department):
-        return forbidden(request, "api_key.issue")
-    form = KeyForm(request.POST)
-    if not form.is_valid():
-        return render(request, "tenancy/detail.html", _detail_context(request, department, key_form=form), status=400)
-    fields = {k: form.cleaned_data[k] for k in ("rpm", "tpm", "max_concurrency", "max_tokens_per_request")}
-    key, raw = ApiKey.issue(department, form.cleaned_data["name"], request.user, expires_at=form.expires_at(), **fields)
-    audit.record(request, "api_key.issue", key, detail={"department": department.name})
-    return _reveal(request, department, raw)
-
-
-@never_cache
-def _reveal(request: HttpRequest, department: Department, raw: str) -> HttpResponse:
-    response = render(
-        request,
-        "tenancy/reveal.html",
-        {"department": department, "secret": raw, "nav": "departments"},
-    )
-    return response
+    if not department.can_manage_members(request.user):
+        return forbidden(request, "department.member_remove")
+    membership = get_object_or_404(department.memberships.select_related("user"), user_id=user_id)
+    audit.record(request, "department.member_remove", department, detail={"user": membership.user.username})
+    membership.delete()
+    messages.success(request, _("%(user)s is no longer a member of %(department)s.") % {
+        "user": membership.user.username, "department": department.name})  # fmt: skip
+    return redirect("tenancy:detail", department_id=department.pk)
 
 
 @require_POST
-def key_action(request: HttpRequest, department_id: int, key_id: int, action: str) -> HttpResponse:
-    if not request.user.is_authenticated:
-        return login_redirect(request)
+@requires("api_key.manage")
+@never_cache
+def issue_key(request: HttpRequest, department_id: int) -> HttpResponse:
     department = _department(request, department_id)
-    key = get_object_or_404(ApiKey.objects.visible_to(request.user), pk=key_id, department=department)
-    if not can_manage_keys(request.user, department):
+    if not department.can_manage_keys(request.user):
+        return forbidden(request, "api_key.issue")
+    form = KeyForm(request.POST, department=department)
+    if not form.is_valid():
+        return render(request, "tenancy/detail.html", _detail_context(request, department, key_form=form), status=400)
+    fields = {k: form.cleaned_data[k] for k in ("rpm", "tpm", "max_concurrency", "max_tokens_per_request",
+                                                "all_deployments")}  # fmt: skip
+    key, raw = ApiKey.issue(department, form.cleaned_data["name"], request.user, expires_at=form.expires_at(),
+                            deployments=form.cleaned_data["deployments"], **fields)  # fmt: skip
+    detail = {"department": department.name, "all_deployments": key.all_deployments,
+              "deployments": sorted(d.pk for d in form.cleaned_data["deployments"])}  # fmt: skip
+    audit.record(request, "api_key.issue", key, detail=detail)
+    return _to_reveal(request, department, key, raw)
+
+
+REVEAL = "tenancy:reveal:{}"
+
+
+def _to_reveal(request: HttpRequest, department: Department, key: ApiKey, raw: str) -> HttpResponse:
+    """Post/redirect/get: the secret waits in the session for the one page that shows it, so a
+    reload of that page (or going back to it) issues nothing and shows the secret no more."""
+    request.session[REVEAL.format(key.pk)] = raw
+    return redirect("tenancy:reveal", department_id=department.pk, key_id=key.pk)
+
+
+@require_GET
+@requires("api_key.manage")
+@never_cache
+def reveal(request: HttpRequest, department_id: int, key_id: int) -> HttpResponse:
+    department = _department(request, department_id)
+    key = get_object_or_404(ApiKey.objects.visible_to(request.user).active(), pk=key_id, department=department)
+    raw = request.session.pop(REVEAL.format(key.pk), None)
+    context = {"department": department, "key": key, "secret": raw, "nav": "departments",
+               "gateway_url": request.build_absolute_uri("/v1"),
+               "model": Deployment.objects.filter(pk__in=key.allowed_deployment_ids()).values_list("name", flat=True)
+               .order_by("name").first() or "<deployment>"}  # fmt: skip
+    return render(request, "tenancy/reveal.html", context)
+
+
+@require_POST
+@requires("api_key.manage", per_action={"revoke": "api_key.manage", "rotate": "api_key.manage",
+                                         "delete": "api_key.manage"})  # fmt: skip
+def key_action(request: HttpRequest, department_id: int, key_id: int, action: str) -> HttpResponse:
+    department = _department(request, department_id)
+    key = get_object_or_404(ApiKey.objects.visible_to(request.user).active(), pk=key_id, department=department)
+    if not key.can_manage(request.user):
         return forbidden(request, f"api_key.{action}")
+    if action == "delete":
+        outcome = key.remove()
+        audit.record(request, "api_key.delete", key, detail={"outcome": outcome})
+        if outcome == ARCHIVED:
+            messages.success(request, _("Key %(name)s deleted. Past usage refers to it, so it is kept, archived, "
+                                        "for the bills.") % {"name": key.name})  # fmt: skip
+        else:
+            messages.success(request, _("Key %(name)s deleted.") % {"name": key.name})
+        return redirect("tenancy:detail", department_id=department.pk)
     if action == "revoke":
         key.revoke()
         audit.record(request, "api_key.revoke", key)
+        messages.success(request, _("Key %(name)s revoked: it no longer works.") % {"name": key.name})
         return redirect("tenancy:detail", department_id=department.pk)
     if action == "rotate":
         form = RotateForm(request.POST)
@@ -190,7 +285,7 @@ def key_action(request: HttpRequest, department_id: int, key_id: int, action: st
             key,
             detail={"new_key": new.pk, "grace_minutes": form.cleaned_data["grace_minutes"]},
         )
-        return _reveal(request, department, raw)
+        return _to_reveal(request, department, new, raw)
     return render(request, "404.html", status=404)
 
 
@@ -242,14 +337,14 @@ def _usage_page(request: HttpRequest, form: UsageFilterForm, bad_status: int = 2
     return render(request, "tenancy/usage.html", context)
 
 
-@login_required
 @require_GET
+@requires("usage.view")
 def usage(request: HttpRequest) -> HttpResponse:
     return _usage_page(request, UsageFilterForm(request.GET, user=request.user))
 
 
-@login_required
 @require_GET
+@requires("usage.view")
 def usage_csv(request: HttpRequest) -> HttpResponse:
     """The selection of the usage page, one line per roll-up row; bad filters get the page with its errors."""
     form = UsageFilterForm(request.GET, user=request.user)
@@ -270,14 +365,17 @@ def _chargeback_page(
     bad_month_status: int = 200,
 ) -> HttpResponse:
     context: dict[str, Any] = {
+        "currency": settings.CURRENCY,
         "form": month_form,
         "price_form": price_form or ModelPriceForm(),
-        "prices": ModelPrice.objects.all(),
+        "prices": ModelPrice.visible_to(request.user),
+        "can_set_price": ModelPrice.can_set(request.user),
         "nav": "departments",
     }
     if month_form.is_valid():
         report = reports.chargeback(request.user, month_form.cleaned_data["month"])
-        names = set(Deployment.objects.values_list("name", flat=True))
+        # Deleted (archived) deployments too: their names are still billed, and the page reads the same after.
+        names = set(Deployment.all_objects.visible_to(request.user).values_list("name", flat=True))
         names.update(line.model for charge in report.departments for line in charge.lines)
         context.update(report=report, month=f"{report.month:%Y-%m}", model_names=sorted(names))
     else:
@@ -285,14 +383,14 @@ def _chargeback_page(
     return render(request, "tenancy/chargeback.html", context, status=status)
 
 
-@login_required
 @require_GET
+@requires("usage.view")
 def chargeback(request: HttpRequest) -> HttpResponse:
     return _chargeback_page(request, MonthForm(request.GET))
 
 
-@login_required
 @require_GET
+@requires("usage.view")
 def chargeback_csv(request: HttpRequest) -> HttpResponse:
     form = MonthForm(request.GET)
     if not form.is_valid():
@@ -302,7 +400,23 @@ def chargeback_csv(request: HttpRequest) -> HttpResponse:
 
 
 @require_POST
-@admin_only
+@requires("price.set")
+def delete_price(request: HttpRequest, price_id: int) -> HttpResponse:
+    """Remove one served model's prices: its tokens and GPU-hours cost nothing in chargeback from then on."""
+    price = get_object_or_404(ModelPrice, pk=price_id)
+    with transaction.atomic():
+        audit.record(request, "model_price.delete", price, detail=price_detail(price))
+        price.delete()
+    messages.success(
+        request, _("Prices of %(model)s removed: it costs nothing in chargeback now.") % {"model": price.model}
+    )
+    month = request.POST.get("month", "")
+    url = reverse("tenancy:chargeback")
+    return redirect(f"{url}?month={month}" if re.fullmatch(r"\d{4}-\d{2}", month) else url)
+
+
+@require_POST
+@requires("price.set")
 def set_price(request: HttpRequest) -> HttpResponse:
     """Create or change one served model's prices (appliance admins; every change audited)."""
     month_form = MonthForm(request.POST)

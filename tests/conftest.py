@@ -25,6 +25,16 @@ def _fresh_cache(redis_db: redis.Redis) -> None:
     """Each test starts with empty Redis state (cache, heartbeats)."""
 
 
+@pytest.fixture(autouse=True)
+def _language_of_the_thread() -> Any:
+    """A page requested in Chinese leaves Chinese active in the thread (LocaleMiddleware activates,
+    nothing deactivates): the next test would get Chinese messages from code outside a request."""
+    yield
+    from django.utils import translation
+
+    translation.deactivate()
+
+
 def make_user(username: str, role: Role, **extra: Any) -> Any:
     user = get_user_model().objects.create_user(username=username, password="pw-" + username, **extra)
     Profile.objects.create(user=user, role=role)

@@ -148,6 +148,13 @@ def test_audit_events_endpoint_filters(admin_user: Any, client: Client) -> None:
     assert [r["outcome"] for r in rows] == ["denied"]
     assert client.get("/api/v1/audit-events?limit=0", **bearer(raw)).status_code == 422
     assert client.get("/api/v1/audit-events?since=yesterday", **bearer(raw)).status_code == 422
+    # An offset PostgreSQL cannot hold (past ±15:59) is read in UTC, not sent to the database (was a 500
+    # on PostgreSQL); one that leaves the calendar once in UTC is refused.
+    far = client.get("/api/v1/audit-events", {"since": "0777-01-16T20:03:54-19:12"}, **bearer(raw))
+    assert far.status_code == 200 and len(far.json()) == 3
+    assert client.get("/api/v1/audit-events", {"until": "0001-01-01T00:00:00+05:00"}, **bearer(raw)).status_code == 422
+    naive = client.get("/api/v1/audit-events", {"until": "2000-01-01T00:00:00"}, **bearer(raw))
+    assert naive.status_code == 200 and naive.json() == []
 
 
 def test_session_auth_needs_csrf_for_writes(admin_user: Any) -> None:

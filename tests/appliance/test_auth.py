@@ -69,12 +69,25 @@ def test_failed_logins_lock_out_an_ip_address(client: Client, admin_user: Any, s
     assert login(Client(), "alice", "pw-alice", ip="10.0.0.8").status_code == 302
 
 
-def test_failed_logins_lock_out_a_user_name(client: Client, admin_user: Any, settings: Any) -> None:
-    for attempt in range(settings.AXES_FAILURE_LIMIT):
-        login(Client(), "alice", "wrong", ip=f"10.0.1.{attempt}")
-    locked = login(client, "alice", "pw-alice", ip="10.0.2.1")
+def test_failed_logins_lock_out_a_user_name_from_that_address_only(
+    client: Client, admin_user: Any, settings: Any
+) -> None:
+    for _attempt in range(settings.AXES_FAILURE_LIMIT):
+        login(Client(), "alice", "wrong", ip="10.0.1.1")
+    locked = login(client, "alice", "pw-alice", ip="10.0.1.1")
     assert locked.status_code == 429
     assert b"Too many failed logins" in locked.content
+    # Nobody can lock the admin out from another machine: from address B alice still gets in...
+    assert login(Client(), "alice", "pw-alice", ip="10.0.2.1").status_code == 302
+    # ...which does not lift the lock-out of address A.
+    assert login(Client(), "alice", "pw-alice", ip="10.0.1.1").status_code == 429
+
+
+def test_failures_spread_over_addresses_lock_out_none_of_them(admin_user: Any, settings: Any) -> None:
+    for attempt in range(settings.AXES_FAILURE_LIMIT * 2):
+        login(Client(), "alice", "wrong", ip=f"10.0.3.{attempt}")
+    assert login(Client(), "alice", "pw-alice", ip="10.0.3.0").status_code == 302
+    assert login(Client(), "alice", "pw-alice", ip="10.0.4.1").status_code == 302
 
 
 def test_viewer_posting_an_admin_action_gets_403_and_an_audit_event(viewer_client: Client, admin_user: Any) -> None:
@@ -171,11 +184,38 @@ def test_department_scope_hook() -> None:
     from appliance import roles
 
     original = roles._department_lookup
-    register_department_lookup(lambda user: {7} if user.username == "d1" else set())
+    register_department_lookup(lambda user: {7: "department_admin", 8: "viewer"} if user.username == "d1" else {})
     try:
-        assert department_ids(dept_admin) == {7}
+        assert department_ids(dept_admin) == {7, 8}
+        assert roles.managed_department_ids(dept_admin) == {7}
         register_department_lookup(None)  # type: ignore[arg-type]
         # Without a lookup a department admin sees no department, never all of them.
         assert department_ids(dept_admin) == set()
     finally:
         register_department_lookup(original)  # type: ignore[arg-type]
+
+
+def test_the_users_page_is_paged_searchable_and_shows_roles_and_memberships(admin_client: Client,
+                                                                            admin_user: Any) -> None:  # fmt: skip
+    from django.contrib.auth import get_user_model
+
+    from appliance.roles import Role
+    from tenancy.models import Department, Membership
+    from tests.conftest import make_user
+
+    for n in range(60):
+        make_user(f"staff{n:02}", Role.VIEWER, email=f"staff{n:02}@example.com")
+    dora = make_user("dora", Role.DEPARTMENT_ADMIN, email="dora@finance.example.com")
+    Membership.objects.create(user=dora, department=Department.objects.create(name="Finance"), role="department_admin")
+    demoted = get_user_model().objects.create_superuser("root2", password="pw-root2-long-enough")
+    from appliance.models import Profile
+
+    Profile.objects.create(user=demoted, role=Role.VIEWER)  # a superuser demoted to viewer
+    first = admin_client.get(reverse("users")).content.decode()
+    assert "Page 1 of 2" in first and "staff00" in first and "staff59" not in first
+    found = admin_client.get(reverse("users"), {"q": "finance"}).content.decode()
+    assert "dora" in found and "staff01" not in found and ">Finance</a>" in found and "(Department admin)" in found
+    assert "staff59" in admin_client.get(reverse("users"), {"page": 2}).content.decode()
+    root2 = first[first.index("root2") :][:200]
+    assert "Global viewer" in root2 and "Appliance admin" not in root2  # the profile's role, superuser or not
+    assert "No user matches the search." in admin_client.get(reverse("users"), {"q": "nobody-at-all"}).content.decode()

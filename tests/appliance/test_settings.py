@@ -37,6 +37,8 @@ def run_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
         ("LOG_LEVEL", "LOUD"),
         ("DATA_DIR", "relative/path"),
         ("SECRET_KEY", "short"),
+        ("CURRENCY", "dollars"),
+        ("CURRENCY", "usd"),
     ],
 )
 def test_malformed_setting_stops_start_up_naming_it(tmp_path: Path, name: str, value: str) -> None:

@@ -17,14 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import hypothesis
 import openai
+import orjson
 import pytest
 from django.conf import settings
 from django.test import Client
 from django.urls import reverse
 
 from appliance.jobs import run_job
+from gateway import admission
 from gateway.app import GatewayApp
+from gateway.directory import Route
 from models_catalog.models import LocalModel, ModelJob
 from models_catalog.tasks import model_job_body
 from provisioning import launcher
@@ -34,6 +38,7 @@ from provisioning.tasks import reconcile_node
 from tenancy import usage
 from tenancy.models import ApiKey, Department, UsageRecord
 from tests.gateway.helpers import ServerThread
+from tests.gateway.test_admission import requests as shapes
 from tests.workers import WorkerProcess, wait_for
 
 ENGINE_START = 300  # seconds allowed for one engine start-up on a busy 2-core box
@@ -69,7 +74,7 @@ def state(ordinal: int = 0) -> str | None:
 
 
 def engines() -> dict[int, str]:
-    return {pid: m for pid, m in launcher.our_processes().items() if m.startswith(f"{settings.NODE_NAME}:")}
+    return launcher.our_processes(settings.NODE_NAME)
 
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -121,6 +126,40 @@ def through_gateway(url: str, redis_db: Any) -> openai.OpenAI:
         client.models.list()
     _, raw = ApiKey.issue(department, "load")
     return openai.OpenAI(base_url=url + "/v1", api_key=raw, max_retries=0, timeout=120)
+
+
+def reservations_hold_on_the_real_engine(url: str, redis_db: Any) -> int:
+    """A sample of the property test's request shapes (tests/gateway/test_admission.py) sent through
+    the gateway to the real engine: no 5xx, and what the engine counts never passes the reservation.
+    Returns how many were answered."""
+    department = Department.objects.create(name="Research", max_tokens_per_request=448)
+    department.deployments.set(Deployment.objects.all())
+    raw = ApiKey.issue(department, "fuzz")[1]
+    route = Route(0, "tiny", False, (), 0, context=512)
+    answered: list[int] = []
+
+    @hypothesis.settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
+    @hypothesis.given(shapes())
+    def one(request: tuple[str, dict]) -> None:
+        endpoint, body = request
+        body["stream"] = False  # the usage is in the body
+        response = httpx.post(f"{url}/v1/{endpoint}", json=body, headers={"Authorization": f"Bearer {raw}"},
+                              timeout=120)  # fmt: skip
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code != 200:
+            return
+        shaped = admission.parse(endpoint, orjson.dumps(body))
+        reserved = admission.plan(shaped, route, 448)
+        counted = response.json()["usage"]
+        assert counted["prompt_tokens"] + (counted.get("completion_tokens") or 0) <= reserved, (body, counted)
+        answered.append(counted["total_tokens"])
+
+    one()
+    records = UsageRecord.objects.filter(department=department, status=200)
+    assert wait_for(lambda: usage.drain(redis_db) >= 0 and records.count() == len(answered), 10)
+    assert sum(r.prompt_tokens + r.completion_tokens for r in records) == sum(answered)  # billed as counted
+    return len(answered)
 
 
 def load_while_killing(client: openai.OpenAI, victim_pid: int) -> list[str]:
@@ -184,6 +223,7 @@ def test_real_engine_lifecycle(
             no_key = httpx.get(f"{first.base_url}/v1/models", timeout=10)
             assert no_key.status_code == 401  # nothing bypasses the gateway without the replica's key
             load_client = through_gateway(gateway.url, redis_db)
+            assert reservations_hold_on_the_real_engine(gateway.url, redis_db) > 0
 
             os.killpg(first.pid, signal.SIGKILL)  # the engine dies
             assert wait_for(lambda: replica().restart_count == 1 and replica().state == "ready", timeout=ENGINE_START)

@@ -20,6 +20,13 @@ def engine() -> Iterator[FakeEngineProcess]:
     process.kill()
 
 
+@pytest.fixture(autouse=True)
+def own_spool(settings: Any, tmp_path: Any) -> None:
+    """Each test's gateways spool (Redis refused a settlement) into a folder of the test's own, so a
+    record one test spooled is not adopted and replayed by the next one's gateway."""
+    settings.VAR_DIR = tmp_path
+
+
 @pytest.fixture
 def gateway(engine: FakeEngineProcess) -> Iterator[ServerThread]:
     """A fresh gateway (empty caches) on its own port; settings changed before the first request apply."""

@@ -136,6 +136,8 @@ class BrokenEngine:
         return self
 
     def stop(self) -> None:
-        self.server.close()
+        # asyncio's Server is not thread-safe: closing it from this thread races the loop's own
+        # detach of the last connection (both wake the waiters; the second finds them gone).
+        self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 import redis
 from django.utils import timezone
@@ -94,8 +95,7 @@ def test_models_listing_shows_only_what_the_key_may_use(
     time.sleep(0.6)  # the gateway's cache
     assert sorted(m.id for m in tenant.client().models.list()) == ["big", "tiny"]
     assert tenant.client().models.retrieve("tiny").id == "tiny"
-    narrow, raw = ApiKey.issue(tenant.department, "narrow")
-    narrow.deployments.add(other)  # a key's own list narrows the department's
+    _, raw = ApiKey.issue(tenant.department, "narrow", all_deployments=False, deployments=[other])  # narrows it
     assert [m.id for m in tenant.client(raw).models.list()] == ["big"]
     with pytest.raises(openai.PermissionDeniedError):
         tenant.client(raw).chat.completions.create(model="tiny", messages=HELLO)
@@ -174,7 +174,7 @@ def test_only_allowlisted_endpoints_reach_an_engine(tenant: Tenant, engine: Fake
         ({"model": "tiny", "messages": HELLO, "n": 99}, "n"),
         ({"model": "tiny", "messages": HELLO, "guided_regex": "(unclosed"}, "guided_regex"),
         ({"model": "tiny", "messages": HELLO, "response_format": {"type": "json_schema", "json_schema": "x"}},
-         "response_format"),
+         "response_format.json_schema"),
         ({"model": "tiny", "messages": []}, "messages"),
         ({"messages": HELLO}, "model"),
         ([1, 2, 3], "body"),
@@ -231,13 +231,18 @@ def test_a_keys_own_rate_limit_leaves_its_department_alone(tenant: Tenant) -> No
 
 
 def test_token_budget_is_settled_to_real_usage(tenant: Tenant, redis_db: redis.Redis) -> None:
-    Department.objects.filter(pk=tenant.department.pk).update(tokens_per_day=700)
-    # Each request reserves its max_tokens (500) + prompt estimate; it uses ~10, so it is settled back.
+    Department.objects.filter(pk=tenant.department.pk).update(tokens_per_day=1000)
+    # Each request reserves its max_tokens (500) + the prompt's bound (body bytes + what a chat template
+    # may add, 256); it uses ~10, so it is settled back.
+    # Five of them would be over 4,000 reserved: they all pass because each is settled to what it used. The
+    # settlement follows the answer (after it went out), so each waits for the one before.
     for _ in range(5):
         assert post(tenant, {"model": "tiny", "messages": HELLO, "max_tokens": 500}).status_code == 200
-    (day,) = list(redis_db.scan_iter("lim:*:day:*"))
-    # The settlement follows the answer (after it went out): give the last one a moment.
-    assert wait(lambda: 0 < int(redis_db.get(day)) < 200), int(redis_db.get(day))
+        (day,) = list(redis_db.scan_iter("lim:*:day:*"))
+        assert wait(lambda key=day: 0 < int(redis_db.get(key)) < 200), int(redis_db.get(day))
+    longer = [{"role": "user", "content": "hello " * 40}]  # its bound (+240) no longer fits the day's 1,000
+    refused = post(tenant, {"model": "tiny", "messages": longer, "max_tokens": 500})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_tokens_per_day"
 
 
 def test_no_ready_replica_gives_503(tenant: Tenant) -> None:
@@ -274,6 +279,12 @@ def test_redis_unreachable_fails_closed(deployment_factory: Any, engine: FakeEng
         response = httpx.post(app_server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {raw}"},
                               json={"model": "tiny", "messages": HELLO}, timeout=15)  # fmt: skip
         assert response.status_code == 503 and response.json()["error"]["code"] == "quota_unavailable"
+        # Its usage record could not go to Redis either: it waits in the gateway's spool.
+        assert wait(lambda: any(settings.VAR_DIR.glob("spool/gateway-*.jsonl")))
+        (spooled,) = [
+            orjson.loads(line) for f in settings.VAR_DIR.glob("spool/*.jsonl") for line in f.read_bytes().splitlines()
+        ]
+        assert spooled["entry"]["s"] == "503" and spooled["entry"]["x"] == "quota_unavailable"
 
 
 def test_client_disconnect_mid_stream_is_billed(deployment_factory: Any, redis_db: redis.Redis) -> None:

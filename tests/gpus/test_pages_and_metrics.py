@@ -91,8 +91,14 @@ def test_viewer_cannot_ack_or_add_webhooks(viewer_client: Client) -> None:
 def test_webhook_form_refuses_bad_url(admin_client: Client) -> None:
     from gpus.models import Webhook
 
-    admin_client.post(reverse("gpus:webhook-create"), {"name": "x", "url": "not a url"})
-    assert not Webhook.objects.exists()
+    response = admin_client.post(reverse("gpus:webhook-create"), {"name": "x", "url": "not a url"})
+    assert response.status_code == 400 and not Webhook.objects.exists()
+    assert list(response.context["webhook_form"].errors) == ["url"]  # shown next to its field
+    page = response.content.decode()
+    assert 'value="x"' in page and page.index('id="id_url"') < page.index("Enter a valid URL.")
+    added = admin_client.post(reverse("gpus:webhook-create"), {"name": "ops", "url": "https://hooks.example.com/a"},
+                              follow=True)  # fmt: skip
+    assert "Webhook ops added" in added.content.decode() and Webhook.objects.count() == 1
 
 
 def test_overview_summary(admin_client: Client) -> None:
@@ -118,3 +124,87 @@ def test_simulated_gpus_list_the_running_replicas(admin_client: Client, deployme
     assert [p["pid"] for p in gpus[1]] == [1]
     html = admin_client.get(reverse("gpus:list")).content.decode()
     assert "tiny#0" in html and "big#0" in html and "tiny#1" not in html
+
+
+def test_acknowledging_says_who_and_when_and_resolved_alerts_come_newest_first(admin_client: Client,
+                                                                                admin_user: Any) -> None:  # fmt: skip
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    collect(SimulatedProbe(count=2, faults=lambda: [{"gpu": 0, "kind": "xid"}]), node="demo")
+    alert = Alert.objects.get()
+    page = admin_client.post(reverse("gpus:alert-ack", args=[alert.pk]), follow=True).content.decode()
+    assert "Alert acknowledged and resolved" in page  # a latched event resolves when seen
+    assert f"acknowledged by {admin_user.username} at" in page
+    gpu = alert.gpu
+    now = timezone.now()
+    for hours, rule in ((5, "older"), (1, "newer"), (3, "middle")):
+        Alert.objects.create(gpu=gpu, rule=rule, severity="warning", message=f"{rule} one",
+                             resolved_at=now - timedelta(hours=hours))  # fmt: skip
+    resolved = [a.rule for a in admin_client.get(reverse("gpus:list")).context["recent_alerts"]]
+    assert resolved[:3] == [alert.rule, "newer", "middle"] and resolved[3] == "older"
+
+
+def test_a_page_per_gpu_with_its_readings_what_runs_on_it_its_charts_and_alerts(
+    admin_client: Client, deployment_factory: Any
+) -> None:
+    from provisioning.models import Replica
+
+    collect(SimulatedProbe(count=2, faults=lambda: [{"gpu": 1, "kind": "xid", "value": 79}]), node="demo")
+    gpu = Gpu.objects.get(index=1)
+    deployment = deployment_factory(name="on-gpu-one")
+    Replica.objects.create(deployment=deployment, ordinal=0, node="demo", gpu_ids=[1], state="ready")
+    tiles = admin_client.get(reverse("gpus:tiles")).content.decode()
+    assert f'href="{reverse("gpus:detail", args=[gpu.pk])}"' in tiles
+    page = admin_client.get(reverse("gpus:detail", args=[gpu.pk])).content.decode()
+    assert "demo · GPU 1" in page and gpu.uuid in page and "XID 79: the GPU fell off the bus." in page
+    assert "on-gpu-one" in page and f'data-gpu="{gpu.pk}"' in page
+    # Its charts hold its own series only; an unknown GPU is refused.
+    data = admin_client.get(reverse("gpus:chart"), {"metric": "temperature", "gpu": gpu.pk}).json()
+    assert [s["label"] for s in data["series"]] == ["demo GPU 1"]
+    assert admin_client.get(reverse("gpus:chart"), {"metric": "temperature", "gpu": 999999}).status_code == 400
+    assert admin_client.get(reverse("gpus:detail", args=[999999])).status_code == 404
+    # Acknowledging from its page comes back to it.
+    alert = Alert.objects.get(gpu=gpu)
+    response = admin_client.post(reverse("gpus:alert-ack", args=[alert.pk]),
+                                 {"next": reverse("gpus:detail", args=[gpu.pk])})  # fmt: skip
+    assert response["Location"] == reverse("gpus:detail", args=[gpu.pk])
+
+
+def test_a_critical_tile_says_why_after_the_event_has_passed(admin_client: Client) -> None:
+    """An XID is an event: the next samples no longer carry it, but its alert (and the GPU's critical
+    health) stays until acknowledged, and the tile names it."""
+    faults = [[{"gpu": 0, "kind": "xid", "value": 48}]]
+    collect(SimulatedProbe(count=1, faults=lambda: faults[0]), node="demo")
+    faults[0] = []
+    collect(SimulatedProbe(count=1, faults=lambda: faults[0]), node="demo")
+    gpu = Gpu.objects.get()
+    assert gpu.health == "critical"
+    tiles = admin_client.get(reverse("gpus:tiles")).content.decode()
+    assert "XID 48: double-bit ECC error." in tiles
+
+
+def test_the_header_shows_open_alerts_to_those_who_see_gpus(admin_client: Client, dept_admin_user: Any) -> None:
+    assert "alert-count" not in admin_client.get(reverse("dashboard:overview")).content.decode()
+    collect(SimulatedProbe(count=2, faults=lambda: [{"gpu": 1, "kind": "xid", "value": 79}]), node="demo")
+    page = admin_client.get(reverse("dashboard:overview")).content.decode()
+    assert 'class="badge bad alert-count" title="1 open GPU alert">1</span>' in page
+    other = Client()
+    other.force_login(dept_admin_user)  # a department role does not see GPUs, nor their alerts
+    assert "alert-count" not in other.get(reverse("tenancy:list")).content.decode()
+
+
+def test_alert_texts_are_in_the_readers_language_and_english_for_machines(admin_client: Client, settings: Any) -> None:
+    from gpus.models import Webhook, WebhookDelivery
+
+    Webhook.objects.create(name="ops", url="https://hooks.example.com/ops")
+    collect(SimulatedProbe(count=1, faults=lambda: [{"gpu": 0, "kind": "xid", "value": 79}]), node="demo")
+    admin_client.cookies[settings.LANGUAGE_COOKIE_NAME] = "zh-hans"
+    page = admin_client.get(reverse("gpus:list")).content.decode()
+    assert "XID 79：GPU 已从总线掉线。" in page and "告警产生" in page  # the alert, and the delivery's event
+    assert "fell off the bus" not in page
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.payload["alert"]["message"] == "XID 79: the GPU fell off the bus."
+    gpu = Gpu.objects.get()
+    assert gpu.english_reasons == ["XID 79: the GPU fell off the bus."]

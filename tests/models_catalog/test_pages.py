@@ -152,3 +152,62 @@ def test_api_models(admin_user: Any, client: Client, ready_model: LocalModel, no
     assert client.get(f"/api/v1/model-jobs/{job_id}", **auth).json()["status"] == "queued"
     assert client.post(f"/api/v1/model-jobs/{job_id}/cancel", **auth).json()["status"] == "cancelled"
     assert client.delete(f"/api/v1/models/{ready_model.pk}", **auth).status_code == 202
+
+
+def test_importing_etc_says_it_is_not_a_model_directory(admin_client: Client, client_data: Path) -> None:
+    response = admin_client.post(reverse("models_catalog:import"), {"directory": "/etc", "repo_id": "acme/etc"})
+    assert response.status_code == 400
+    assert "/etc is not a model directory: it has no config.json at its top." in response.content.decode()
+    assert not LocalModel.objects.exists()
+
+
+def test_importing_under_a_taken_name_asks_to_replace_and_never_under_a_deployment(
+    admin_client: Client, ready_model: LocalModel, tmp_path: Path, no_broker: Any
+) -> None:
+    from models_catalog.models import USAGE_CHECKS
+
+    other = make_model_dir(tmp_path / "other", weights_bytes=64 * 1024)
+    form = {"directory": str(other), "repo_id": "acme/tiny"}
+    response = admin_client.post(reverse("models_catalog:import"), form)
+    assert response.status_code == 400
+    assert "acme/tiny exists already: import under another name, or choose to replace its files." in (
+        response.content.decode())  # fmt: skip
+    assert not ModelJob.objects.filter(kind="import").exclude(status="succeeded").exists()
+    USAGE_CHECKS.append(lambda m: ["deployment chat-1"] if m.repo_id == "acme/tiny" else [])
+    try:
+        response = admin_client.post(reverse("models_catalog:import"), form | {"replace": "on"})
+        assert response.status_code == 400 and "is used by deployment chat-1" in response.content.decode()
+    finally:
+        USAGE_CHECKS.pop()
+    assert ModelJob.objects.filter(kind="import").count() == 1  # the first import only
+    response = admin_client.post(reverse("models_catalog:import"), form | {"replace": "on"})
+    assert response.status_code == 302 and ModelJob.objects.filter(kind="import").count() == 2
+
+
+def test_a_download_the_hub_could_not_answer_says_what_to_do(admin_client: Client, client_data: Path) -> None:
+    from tests.models_catalog.helpers import free_port
+
+    endpoint = HubEndpoint.objects.create(name="gone", url=f"http://127.0.0.1:{free_port()}")
+    job = LocalModel.request_download("acme/far", endpoint=endpoint, enqueue=False)
+    run_job(ModelJob, job.pk, model_job_body)
+    model = LocalModel.objects.get(repo_id="acme/far")
+    assert model.status == LocalModel.Status.FAILED
+    page = admin_client.get(reverse("models_catalog:detail", args=[model.pk])).content.decode()
+    assert "The hub could not be reached from this appliance." in page
+    assert reverse("models_catalog:endpoints") in page and "#imp-title" in page
+
+
+def test_a_finished_download_shows_its_bar_at_100_after_the_page_reloads(admin_client: Client,
+                                                                         ready_model: LocalModel) -> None:  # fmt: skip
+    """The page reloads itself when the job ends; the bar then shows where it ended, not the 99 % it
+    last polled (the last percent is the verification and the swap)."""
+    job = ready_model.jobs.get()
+    page = admin_client.get(reverse("models_catalog:detail", args=[ready_model.pk])).content.decode()
+    assert '<progress max="100" value="100"' in page and "Succeeded" in page
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    ModelJob.objects.filter(pk=job.pk).update(finished_at=timezone.now() - timedelta(hours=1))
+    page = admin_client.get(reverse("models_catalog:detail", args=[ready_model.pk])).content.decode()
+    assert '<progress max="100"' not in page  # an old job's bar is not shown

@@ -38,7 +38,7 @@ def test_new_upstream_commit_is_detected_and_updated_moving_only_the_changed_fil
     original = tokenizer.read_text()
     tokenizer.write_text(json.dumps({"version": "1.1", "model": {"vocab": {"a": 0, "b": 1}}}))
     try:
-        peer.manage("import_model", str(peer.source), "acme/tiny")
+        peer.manage("import_model", str(peer.source), "acme/tiny", "--replace")
         assert check_updates.apply().result == {"checked": 1, "outdated": 1, "failed": 0}
         model.refresh_from_db()
         assert model.status == LocalModel.Status.OUTDATED
@@ -59,7 +59,7 @@ def test_new_upstream_commit_is_detected_and_updated_moving_only_the_changed_fil
         assert not old_snapshot.exists()
     finally:
         tokenizer.write_text(original)
-        peer.manage("import_model", str(peer.source), "acme/tiny")
+        peer.manage("import_model", str(peer.source), "acme/tiny", "--replace")
 
 
 def test_failed_update_leaves_the_ready_copy_untouched(
@@ -93,7 +93,7 @@ def test_reimport_of_same_content_gives_the_same_commit(client_data: Path, tmp_p
     source = make_model_dir(tmp_path / "m", weights_bytes=64 * 1024)
     run(LocalModel.request_import(str(source), "local/m", enqueue=False))
     first = LocalModel.objects.get().commit
-    run(LocalModel.request_import(str(source), "local/m", enqueue=False))
+    run(LocalModel.request_import(str(source), "local/m", enqueue=False, replace=True))
     assert LocalModel.objects.get().commit == first
 
 

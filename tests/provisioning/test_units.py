@@ -14,13 +14,14 @@ from gpus.collect import collect
 from gpus.models import Gpu
 from gpus.probe import SimulatedProbe
 from provisioning import launcher
-from provisioning.launcher import ArgumentRefused, build_command, build_environment, check_extra_args
+from provisioning.engines import ArgumentRefused, engine_for
 from provisioning.models import Deployment, EngineRuntime, Replica
 from provisioning.placement import PlacementRefused, place
+from tests.workers import wait_for
 
 
 def test_command_is_an_argument_list_bound_to_loopback() -> None:
-    command = build_command("/e/bin/python", "/m/current", "chat", 8123, gpu_memory_fraction=0.5,
+    command = engine_for().command("/e/bin/python", "/m/current", "chat", 8123, gpu_memory_fraction=0.5,
                             tensor_parallel=2, max_model_len=4096, extra_args=["--max-num-seqs", "8"])  # fmt: skip
     assert command[:3] == ["/e/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     assert command[command.index("--host") + 1] == "127.0.0.1"
@@ -32,7 +33,7 @@ def test_command_is_an_argument_list_bound_to_loopback() -> None:
 def test_key_goes_by_environment_and_console_secrets_do_not(monkeypatch: Any) -> None:
     monkeypatch.setenv("SECRET_KEY", "console-secret")
     monkeypatch.setenv("DATABASE_URL", "postgres://x")
-    env = build_environment("box:7", "replica-key", [2, 3], cpu=False)
+    env = engine_for().environment("box:7", "replica-key", [2, 3], cpu=False)
     assert env["VLLM_API_KEY"] == "replica-key" and env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert "SECRET_KEY" not in env and "DATABASE_URL" not in env and env["APPLIANCE_REPLICA"] == "box:7"
 
@@ -45,18 +46,13 @@ def test_key_goes_by_environment_and_console_secrets_do_not(monkeypatch: Any) ->
 )  # fmt: skip
 def test_arguments_outside_the_allowlist_are_refused(args: list[str]) -> None:
     with pytest.raises(ArgumentRefused):
-        check_extra_args(args)
+        engine_for().check_args(args)
 
 
 def test_allowed_arguments_pass() -> None:
     args = ["--max-num-seqs", "64", "--enable-prefix-caching", "--dtype=bfloat16"]
-    assert check_extra_args(args) == ["--max-num-seqs", "64", "--enable-prefix-caching", "--dtype", "bfloat16"]
-    assert check_extra_args(["--trust-remote-code"], trust_remote_code_allowed=True) == ["--trust-remote-code"]
-
-
-@pytest.fixture
-def gpu_runtime(db: None) -> EngineRuntime:
-    return EngineRuntime.objects.create(node="gpubox", name="vllm", package="vllm", python_path="/x", status="ready")
+    assert engine_for().check_args(args) == ["--max-num-seqs", "64", "--enable-prefix-caching", "--dtype", "bfloat16"]
+    assert engine_for().check_args(["--trust-remote-code"], trust_remote_code_allowed=True) == ["--trust-remote-code"]
 
 
 def idle(node: str) -> None:
@@ -142,3 +138,73 @@ def test_a_process_that_is_not_ours_is_not_alive() -> None:
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "text"),
+    [({"gpu_ids": "99"}, "gpu_ids", "gpubox has no GPU 99; its GPUs are 0, 1, 2, 3, 4, 5, 6, 7."),
+     ({"gpu_ids": "3,99", "tensor_parallel": 2}, "gpu_ids", "has no GPU 99"),
+     ({"tensor_parallel": 16}, "tensor_parallel", "gpubox has 8 GPUs; this needs 16."),
+     ({"tensor_parallel": 4, "replicas": 3}, "tensor_parallel", "this needs 12.")],
+)  # fmt: skip
+def test_the_deploy_form_knows_the_boxs_gpus(
+    tiny_model: Any, gpu_runtime: EngineRuntime, fields: dict, field: str, text: str
+) -> None:
+    from provisioning.forms import DeployForm
+
+    collect(SimulatedProbe(8), "gpubox")
+    data = {"model": tiny_model.pk, "name": "big", "runtime": gpu_runtime.pk, "replicas": 1, "tensor_parallel": 1,
+            "gpu_memory_fraction": 0.5} | fields  # fmt: skip
+    form = DeployForm(data)
+    assert not form.is_valid() and text in " ".join(form.errors[field]), form.errors
+    assert DeployForm(data | {"gpu_ids": "7", "tensor_parallel": 1, "replicas": 1}).is_valid()
+
+
+def test_the_cpu_engine_takes_no_gpus(tiny_model: Any, fake_runtime: EngineRuntime) -> None:
+    from provisioning.forms import DeployForm
+
+    data = {"model": tiny_model.pk, "name": "cpu", "runtime": fake_runtime.pk, "replicas": 1, "tensor_parallel": 1,
+            "gpu_memory_fraction": 0.1, "gpu_ids": "0"}  # fmt: skip
+    form = DeployForm(data)
+    assert not form.is_valid() and "uses no GPU" in form.errors["gpu_ids"][0]
+
+
+LEADER = """
+import os, signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", '''
+import signal, sys, time
+out = sys.argv[1]
+def record(text):
+    open(out, "a").write(text + "\\\\n"); sys.exit(0)
+signal.signal(signal.SIGTERM, lambda *a: record("child got SIGTERM"))
+signal.signal(signal.SIGUSR1, lambda *a: record("child stopped by the leader"))
+while True: time.sleep(0.05)
+''', sys.argv[1]])
+def shut_down(*args):
+    if sys.argv[2] == "tidy":
+        child.send_signal(signal.SIGUSR1); child.wait()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, shut_down)
+open(sys.argv[1], "a").write("started\\n")
+while True: time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("leader", ["tidy", "careless"])
+def test_stop_lets_the_engines_main_process_stop_its_workers_and_kills_what_it_leaves(
+    tmp_path: Any, leader: str
+) -> None:
+    """vLLM's server stops its engine-core and worker processes itself; a SIGTERM to the whole group
+    at once killed the core under it (EngineDeadError trace in every stopped engine's log)."""
+    script, out = tmp_path / "leader.py", tmp_path / "out.txt"
+    script.write_text(LEADER)
+    pid = launcher.start([sys.executable, str(script), str(out), leader], {"PATH": os.defpath}, tmp_path / "log")
+    assert wait_for(lambda: out.exists() and "started" in out.read_text(), timeout=10)
+    time.sleep(0.3)  # the child has set its handlers
+    launcher.stop(pid, grace=2)
+    lines = out.read_text().split()
+    assert "SIGTERM" not in " ".join(lines)  # the child never got the group's SIGTERM
+    if leader == "tidy":
+        assert out.read_text().splitlines() == ["started", "child stopped by the leader"]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # nothing of the group is left, a child its leader forgot included

@@ -69,8 +69,15 @@ def test_department_admin_sees_only_their_department(two_departments: tuple) -> 
     assert not ApiKey.objects.visible_to(stranger).exists()
 
 
-def test_viewer_membership_grants_no_admin_scope(two_departments: Any) -> None:
-    legal, _ = two_departments
+def test_viewer_membership_is_read_only(two_departments: Any) -> None:
+    legal, sales = two_departments
     vic = make_user("vic", Role.DEPARTMENT_ADMIN)
     Membership.objects.create(user=vic, department=legal, role=Membership.Role.VIEWER)
-    assert not Department.objects.visible_to(vic).exists()
+    assert list(Department.objects.visible_to(vic)) == [legal]
+    assert not legal.can_manage_keys(vic) and not sales.can_manage_keys(vic)
+    Membership.objects.filter(user=vic).update(role=Membership.Role.ADMIN)
+    assert legal.can_manage_keys(vic) and not sales.can_manage_keys(vic)
+    # A department viewer's profile caps every membership at read-only.
+    vic.profile.role = Role.DEPARTMENT_VIEWER
+    vic.profile.save()
+    assert list(Department.objects.visible_to(vic)) == [legal] and not legal.can_manage_keys(vic)

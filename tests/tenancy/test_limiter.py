@@ -141,3 +141,10 @@ def test_key_tpm_settles_on_the_keys_counter(limiter: Limiter) -> None:
     assert limiter.admit(12, department, 900, key_id=5, key_limits=narrow).limit == "key_tpm"
     limiter.settle(12, department, decision, 50)  # used far less than reserved: given back
     assert limiter.admit(12, department, 900, key_id=5, key_limits=narrow).allowed
+
+
+def test_remaining_requests_count_down_from_the_minutes_limit(limiter: Limiter) -> None:
+    """Beside ``x-ratelimit-limit-requests: 60``, the first request of a minute leaves 59 (not the 9
+    left of the burst), and each one after it one fewer."""
+    limits = Limits(rpm=60)
+    assert [limiter.admit(31, limits, 0).remaining["requests"] for _ in range(3)] == [59, 58, 57]

@@ -455,7 +455,8 @@ def _price(**overrides: str) -> dict[str, str]:
             "month": "2025-03"} | overrides  # fmt: skip
 
 
-def test_admin_sets_prices_and_every_change_is_audited(admin_client: Client) -> None:
+def test_admin_sets_prices_and_every_change_is_audited(admin_client: Client, deployment_factory: Any) -> None:
+    deployment_factory(name="tiny")
     response = admin_client.post(reverse("tenancy:set-price"), _price())
     assert response.status_code == 302 and response["Location"] == reverse("tenancy:chargeback") + "?month=2025-03"
     price = ModelPrice.objects.get(model="tiny")
@@ -470,6 +471,37 @@ def test_admin_sets_prices_and_every_change_is_audited(admin_client: Client) -> 
     assert second.target_repr == "tiny"
 
 
+def test_admin_removes_a_price_after_confirming_and_it_is_audited(admin_client: Client, admin_user: Any,
+                                                                   deployment_factory: Any) -> None:  # fmt: skip
+    deployment_factory(name="tiny")
+    admin_client.post(reverse("tenancy:set-price"), _price())
+    price = ModelPrice.objects.get(model="tiny")
+    page = admin_client.get(reverse("tenancy:chargeback"), {"month": "2025-03"}).content.decode()
+    assert 'data-confirm="Remove the prices of “tiny”?' in page
+    response = admin_client.post(reverse("tenancy:delete-price", args=[price.pk]), {"month": "2025-03"}, follow=True)
+    assert response.redirect_chain[-1][0] == reverse("tenancy:chargeback") + "?month=2025-03"
+    assert "Prices of tiny removed: it costs nothing in chargeback now." in response.content.decode()
+    assert not ModelPrice.objects.exists()
+    event = AuditEvent.objects.get(action="model_price.delete")
+    assert event.actor == admin_user and event.detail["gpu_hour"] == "2.5000" and event.target_repr == "tiny"
+    # Gone already (a second tab): 404, nothing else removed; a month that is not one is not echoed back.
+    assert admin_client.post(reverse("tenancy:delete-price", args=[price.pk])).status_code == 404
+    response = admin_client.post(reverse("tenancy:delete-price", args=[999]), {"month": "x//evil"})
+    assert response.status_code == 404
+
+
+def test_the_api_removes_a_price(admin_user: Any, deployment_factory: Any, client: Client) -> None:
+    from appliance.models import ApiToken
+
+    deployment_factory(name="tiny")
+    price = ModelPrice.objects.create(model="tiny", prompt_per_million=1)
+    _token, raw = ApiToken.issue(admin_user, "t")
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {raw}"}
+    assert client.delete(f"/api/v1/prices/{price.pk}", **headers).status_code == 204
+    assert client.delete(f"/api/v1/prices/{price.pk}", **headers).status_code == 404
+    assert AuditEvent.objects.get(action="model_price.delete").detail["via"] == "api"
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
@@ -479,9 +511,13 @@ def test_admin_sets_prices_and_every_change_is_audited(admin_client: Client) -> 
         ({"gpu_hour": "NaN"}, "gpu_hour"),
         ({"gpu_hour": "abc"}, "gpu_hour"),
         ({"model": ""}, "model"),
+        ({"model": "no-such-model"}, "model"),
     ],
 )
-def test_bad_prices_are_refused_with_a_field_error(admin_client: Client, overrides: dict, field: str) -> None:
+def test_bad_prices_are_refused_with_a_field_error(
+    admin_client: Client, deployment_factory: Any, overrides: dict, field: str
+) -> None:
+    deployment_factory(name="tiny")
     response = admin_client.post(reverse("tenancy:set-price"), _price(**overrides))
     assert response.status_code == 400 and list(response.context["price_form"].errors) == [field]
     assert not ModelPrice.objects.exists() and not AuditEvent.objects.filter(action="model_price.set").exists()

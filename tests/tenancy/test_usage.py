@@ -111,15 +111,21 @@ def test_budgets_rebuilt_after_flushdb(redis_db: redis.Redis, legal: tuple) -> N
 
 
 def test_gpu_hours_accumulate_for_ready_replicas(redis_db: redis.Redis, deployment_factory) -> None:
-    from provisioning.models import Replica
+    from provisioning.models import EngineRuntime, Replica
     from tenancy.models import DeploymentHours
 
     deployment = deployment_factory(name="tiny")
+    deployment.runtime = EngineRuntime.objects.create(node="testnode", name="vllm", package="vllm", python_path="-")
+    deployment.save()
+    on_cpu = deployment_factory(name="cpu-only")  # the CPU build: time, but no GPU-hours
     Replica.objects.create(deployment=deployment, ordinal=0, node="testnode", gpu_ids=[0, 1], state="ready")
     Replica.objects.create(deployment=deployment, ordinal=1, node="testnode", gpu_ids=[2], state="starting")
+    Replica.objects.create(deployment=on_cpu, ordinal=0, node="testnode", state="ready")
     assert usage.account_gpu_hours(redis_db) == 0  # the first tick only starts the clock
     redis_db.set(usage.GPU_TICK, f"{time.time() - 30:.3f}")
-    assert usage.account_gpu_hours(redis_db) == 1
+    assert usage.account_gpu_hours(redis_db) == 2
     row = DeploymentHours.objects.get(deployment=deployment)
     assert row.replica_seconds == pytest.approx(30, abs=1) and row.gpu_seconds == pytest.approx(60, abs=2)
+    cpu = DeploymentHours.objects.get(deployment=on_cpu)
+    assert cpu.replica_seconds == pytest.approx(30, abs=1) and cpu.gpu_seconds == 0
     assert row.start == datetime.now(UTC).replace(minute=0, second=0, microsecond=0)

@@ -34,11 +34,13 @@ class Command(BaseCommand):
             if users.filter(username=username).exists():
                 raise SystemExit(f"A user named {username!r} exists but is not an active admin; pass --username.")
             user = users.create_superuser(username=username, email="", password=password)
-            Profile.objects.create(user=user, role=Role.APPLIANCE_ADMIN)
+            # The password is printed, so it is known to whoever saw the terminal: the console asks
+            # for a new one at the first login, before anything else.
+            Profile.objects.create(user=user, role=Role.APPLIANCE_ADMIN, must_change_password=True)
             audit.record(None, "user.create_first_admin", user)
         self.stdout.write(
             self.style.SUCCESS(
                 f"Created the first appliance admin. User: {username}  Password: {password}\n"
-                "This password is shown only once: write it down, then change it after logging in."
+                "This password is shown only once: the console asks for a new one at the first login."
             )
         )

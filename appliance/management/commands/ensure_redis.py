@@ -20,14 +20,24 @@ def answers(url: str) -> bool:
         return False
 
 
+def keeps_appendonly_file(url: str) -> bool:
+    """True when Redis writes an append-only file (or CONFIG is disabled there, so nobody can tell)."""
+    try:
+        return redis.Redis.from_url(url, socket_timeout=2).config_get("appendonly").get("appendonly") == "yes"
+    except redis.ResponseError:
+        return True
+
+
 def private_server_command(port: int, directory: str) -> list[str]:
-    """redis-server bound to loopback, keeping nothing on disk (the console rebuilds from the DB)."""
+    """redis-server bound to loopback, writing an append-only file (fsync'd every second): usage
+    entries not yet drained into the database and budget counters survive a crash or restart."""
     return [
         "redis-server",
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--save", "",
-        "--appendonly", "no",
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
         "--daemonize", "yes",
         "--dir", directory,
         "--pidfile", f"{directory}/redis.pid",
@@ -42,6 +52,11 @@ class Command(BaseCommand):
         url = settings.REDIS_URL
         if answers(url):
             self.stdout.write("Redis answers.")
+            if not keeps_appendonly_file(url):
+                self.stderr.write(
+                    "Warning: this Redis keeps no append-only file: usage not yet written to the database is lost "
+                    "if it crashes. Set `appendonly yes` in its configuration."
+                )
             return
         parts = urlsplit(url)
         if parts.scheme != "redis" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):

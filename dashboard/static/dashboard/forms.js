@@ -52,6 +52,59 @@
     });
   }
 
+  // Destructive actions ask first: a form with data-confirm="…" (naming what it acts on) is sent
+  // only once the question is answered yes. Capturing, so it runs before anything else sees the submit.
+  document.addEventListener("submit", function (event) {
+    var question = event.target.getAttribute && event.target.getAttribute("data-confirm");
+    if (question && !window.confirm(question)) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+    }
+  }, true);
+
+  // Logs that follow their tail: a <pre data-follow> shows its newest line when the page opens and
+  // after each refresh (htmx swaps the part around it), unless the reader scrolled up to read.
+  var reading = {};  // log id -> where the reader scrolled to (absent: following the tail)
+  function follow(root) {
+    Array.prototype.forEach.call((root || document).querySelectorAll("pre[data-follow]"), function (log) {
+      log.scrollTop = log.id in reading ? reading[log.id] : log.scrollHeight;
+      log.addEventListener("scroll", function () {
+        if (log.scrollTop + log.clientHeight >= log.scrollHeight - 4) delete reading[log.id];
+        else reading[log.id] = log.scrollTop;
+      });
+    });
+  }
+  document.addEventListener("DOMContentLoaded", function () { follow(document); });
+  document.addEventListener("htmx:afterSwap", function (event) { follow(event.target); });
+
+  // Disclosures that stay as the reader left them: a <details id=… data-keep-open> opened by the reader
+  // is open again after htmx refreshes the part around it.
+  var opened = {};
+  document.addEventListener("toggle", function (event) {
+    var details = event.target;
+    if (details.matches && details.matches("details[data-keep-open][id]")) {
+      if (details.open) opened[details.id] = true; else delete opened[details.id];
+    }
+  }, true);
+  document.addEventListener("htmx:afterSwap", function (event) {
+    Array.prototype.forEach.call(event.target.querySelectorAll("details[data-keep-open][id]"), function (details) {
+      if (opened[details.id]) details.open = true;
+    });
+  });
+
+  // Copy buttons: data-copy="#id" copies that element's text, and the button says so for a moment.
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest && event.target.closest("[data-copy]");
+    if (!button) return;
+    var source = document.querySelector(button.getAttribute("data-copy"));
+    if (!source || !navigator.clipboard) return;
+    navigator.clipboard.writeText(source.textContent).then(function () {
+      var label = button.textContent;
+      button.textContent = button.getAttribute("data-copied") || "✓";
+      setTimeout(function () { button.textContent = label; }, 1500);
+    });
+  });
+
   document.addEventListener("submit", function (event) {
     var form = event.target;
     if (event.defaultPrevented || (form.method || "").toLowerCase() !== "post") return;

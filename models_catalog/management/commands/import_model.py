@@ -17,10 +17,13 @@ class Command(BaseCommand):
         parser.add_argument("directory")
         parser.add_argument("repo_id", help="the name it gets here, e.g. acme/llama-3-8b")
         parser.add_argument("--queue", action="store_true", help="hand the job to the worker instead of waiting")
+        parser.add_argument("--replace", action="store_true", help="replace the files of a model of this name")
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            job = LocalModel.request_import(options["directory"], options["repo_id"], enqueue=options["queue"])
+            job = LocalModel.request_import(
+                options["directory"], options["repo_id"], enqueue=options["queue"], replace=options["replace"]
+            )
         except (ImportRefused, UnsafePath, JobConflict) as exc:
             raise CommandError(str(exc)) from None
         if options["queue"]:
