@@ -20,7 +20,7 @@ run: setup
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py ensure_admin
 	$(PY) manage.py ensure_redis
-	@echo "Console: http://$${CONSOLE_HOST:-127.0.0.1}:$${CONSOLE_PORT:-8000}/  (Ctrl-C stops web, worker and beat)"
+	@echo "Console: http://$${CONSOLE_HOST:-127.0.0.1}:$${CONSOLE_PORT:-8000}/  (Ctrl-C stops web, worker, beat and relay)"
 	exec $(VENV)/bin/honcho -f Procfile start
 
 lint: setup
@@ -38,12 +38,12 @@ browser:
 
 # Another box joins a console: `make node CONSOLE=https://console TOKEN=join_… NODE_NAME=box2 NODE_ADDRESS=10.0.0.2`
 # (the token from the console's Nodes page) joins once and writes var/node.env; later `make node` starts
-# this box's worker with those settings.
+# this box's worker and its engine relay (Procfile.node) with those settings.
 node: setup
 	@if [ -n "$(TOKEN)" ]; then $(PY) manage.py join --console "$(CONSOLE)" --token "$(TOKEN)"; fi
 	@test -f var/node.env || (echo "var/node.env is missing: run make node CONSOLE=… TOKEN=… first"; exit 1)
 	set -a; . var/node.env; set +a; $(PY) manage.py migrate --check >/dev/null && \
-		exec $(VENV)/bin/celery -A appliance worker --loglevel INFO --hostname worker@$${NODE_NAME}
+		exec $(VENV)/bin/honcho -f Procfile.node start
 
 test: lint browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

@@ -34,6 +34,9 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 NODE_NAME = env_node_name("NODE_NAME")
 # The address other boxes (the gateway, peers syncing models) reach this box at, on the cluster network.
 NODE_ADDRESS = env_str("NODE_ADDRESS", "127.0.0.1")
+# The port of this box's relay (``manage.py relay`` on NODE_ADDRESS): the only way in to its engines,
+# which stay on loopback. One port for the whole cluster.
+RELAY_PORT = env_int("RELAY_PORT", 8790, minimum=1, maximum=65535)
 CONSOLE_VERSION = "0.9.0"
 
 INSTALLED_APPS = [

@@ -16,6 +16,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connections
 
+from provisioning import relay
 from tenancy import keys as key_format
 from tenancy.limiter import Limits
 
@@ -107,15 +108,28 @@ def _load_key(key_id: str) -> KeyInfo | None:
     )  # fmt: skip
 
 
+def _replica_url(replica: Any, addresses: dict[str, str]) -> str | None:
+    """A replica of this box is reached on loopback; one of another box through that box's relay
+    (its engine is never on the network), or not at all while the box has no known address."""
+    if replica.node == settings.NODE_NAME:
+        return replica.base_url
+    address = addresses.get(replica.node)
+    return relay.url(address, replica.pk) if address else None
+
+
 def _load_routes() -> dict[str, Route]:
+    from nodes.models import Node
     from provisioning.models import Deployment, Replica
 
     close_old_connections()
     routes: dict[str, list] = {}
     deployments = {d.pk: d for d in Deployment.objects.select_related("runtime")}
     ready = Replica.objects.filter(state=Replica.State.READY, port__isnull=False).order_by("deployment_id", "ordinal")
+    addresses = dict(Node.objects.exclude(address="").values_list("name", "address"))
     for replica in ready:
-        routes.setdefault(replica.deployment_id, []).append(ReplicaRoute(replica.pk, replica.base_url, replica.key()))
+        base_url = _replica_url(replica, addresses)
+        if base_url is not None:
+            routes.setdefault(replica.deployment_id, []).append(ReplicaRoute(replica.pk, base_url, replica.key()))
     table = {}
     for pk, deployment in deployments.items():
         able = deployment.capabilities()  # the engine says what it does; the gateway does not read flags

@@ -15,6 +15,7 @@ import orjson
 from django.conf import settings
 
 from gateway.errors import GatewayError
+from provisioning import relay as node_relay
 
 if TYPE_CHECKING:
     from gateway.admission import Shaped
@@ -89,6 +90,8 @@ async def forward(state: State, call: Call, data: bytes, send: Any) -> None:
             headers = {"Authorization": f"Bearer {replica.key}", "Content-Type": "application/json"}
             async with state.session.post(f"{replica.base_url}/v1/{call.endpoint}", data=data,
                                           headers=headers) as response:  # fmt: skip
+                if response.headers.get(node_relay.FAILURE_HEADER):  # another box's relay: its engine is gone
+                    raise aiohttp.ServerDisconnectedError(f"relay: {response.headers[node_relay.FAILURE_HEADER]}")
                 if shaped.stream and response.status == 200:
                     await relay_stream(call, response, send)
                 else:

@@ -89,7 +89,8 @@ def local_facts(name: str | None = None) -> dict[str, Any]:
     name = name or settings.NODE_NAME
     data_dir = Path(settings.DATA_DIR)
     probe = data_dir if data_dir.exists() else Path(settings.BASE_DIR)
-    extra: dict[str, Any] = {}
+    memory = meminfo()
+    extra: dict[str, Any] = {"memory_available_bytes": memory.get("MemAvailable", 0)}
     for provider in _fact_providers:
         try:
             extra.update(provider(name))
@@ -98,7 +99,7 @@ def local_facts(name: str | None = None) -> dict[str, Any]:
     return {
         "address": settings.NODE_ADDRESS,
         "cpus": os.cpu_count() or 0,
-        "memory_bytes": meminfo().get("MemTotal", 0),
+        "memory_bytes": memory.get("MemTotal", 0),
         "disk_free_bytes": shutil.disk_usage(probe).free,
         "gpus": int(extra.pop("gpus", 0) or 0),
         "version": settings.CONSOLE_VERSION,

@@ -1,13 +1,19 @@
 """Choosing where a replica runs: GPUs with room for the model's estimate on healthy GPUs, or, on
-a box without GPUs (the CPU runtime), enough system memory. Refusals name what did not fit."""
+a box without GPUs (the CPU runtime), enough system memory. Refusals name what did not fit.
+
+The deployment's node must take new replicas (ready, not draining) and hold the model's files:
+models are not copied between boxes yet, so a model is downloaded or imported on the box that runs
+it. Memory of another box is what its worker last reported."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.utils.translation import gettext as _
 
 from appliance.host import meminfo
 from gpus.models import Gpu
 from models_catalog.memory import estimate
+from nodes.models import Node
 from provisioning.models import Deployment, Replica
 
 GiB = 1024**3
@@ -35,7 +41,7 @@ def cpu_memory(deployment: Deployment, need: int) -> tuple[int, int, int]:
     """(wanted, available, total) bytes of this box's memory for one more replica on the CPU engine:
     the model, the KV cache (the memory fraction of the total) and the engine's own; what is
     available after the replicas still starting, which have not taken theirs yet."""
-    info = meminfo()
+    info = meminfo() if deployment.node == settings.NODE_NAME else _reported_memory(deployment.node)
     kv_space = int(deployment.gpu_memory_fraction * info["MemTotal"])
     # Replicas still starting have not taken their memory yet: count them as taken.
     starting = Replica.objects.filter(node=deployment.node, state__in=[Replica.State.STARTING, Replica.State.PLACING])
@@ -45,6 +51,29 @@ def cpu_memory(deployment: Deployment, need: int) -> tuple[int, int, int]:
     )
     wanted = need + kv_space + CPU_ENGINE_OVERHEAD
     return wanted, info["MemAvailable"] - reserved, info["MemTotal"]
+
+
+def _reported_memory(node: str) -> dict[str, int]:
+    row = Node.objects.filter(name=node).first()
+    if row is None:
+        return {"MemTotal": 0, "MemAvailable": 0}
+    return {"MemTotal": row.memory_bytes, "MemAvailable": int(row.facts.get("memory_available_bytes") or 0)}
+
+
+def check_node(deployment: Deployment) -> None:
+    """The deployment's box takes new replicas and has the model's files (else PlacementRefused)."""
+    node = Node.objects.filter(name=deployment.node).first()
+    if node is not None and node.state == Node.State.UNREACHABLE:
+        raise PlacementRefused(_("%(node)s is unreachable: it takes no new replicas.") % {"node": node.name})
+    if node is not None and node.draining:
+        raise PlacementRefused(_("%(node)s is draining: it takes no new replicas.") % {"node": node.name})
+    model = deployment.model
+    if model.node != deployment.node:
+        raise PlacementRefused(
+            _("%(model)s is on %(model_node)s, not on %(node)s: download or import it on %(node)s first "
+              "(models are not copied between boxes).")
+            % {"model": model.repo_id, "model_node": model.node, "node": deployment.node}
+        )  # fmt: skip
 
 
 def place_cpu(deployment: Deployment, need: int) -> list[int]:
@@ -118,6 +147,7 @@ def place_gpus(deployment: Deployment, need: int, exclude_replica: int | None = 
 
 def place(deployment: Deployment) -> list[int]:
     """GPU indexes for one more replica of ``deployment`` (empty on the CPU runtime)."""
+    check_node(deployment)
     need = memory_need(deployment)
     if deployment.runtime.is_cpu:
         return place_cpu(deployment, need)

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from appliance.worker import redis_client
-from provisioning import launcher
+from provisioning import launcher, relay
 from provisioning.engines import ArgumentRefused, engine_for
 from provisioning.models import Deployment, EngineRuntime, Replica
 from provisioning.placement import PlacementRefused, place
@@ -116,6 +116,7 @@ def launch(replica: Replica) -> None:
         ready_at=None,
         next_start_at=None,
     )
+    publish_routes(replica.node)  # before it can be marked ready: the relay must know it first
     from provisioning.tasks import watch_startup
 
     # Readiness within a fraction of a second instead of at the next tick; the loop checks too.
@@ -237,6 +238,14 @@ def step(replica: Replica) -> None:
             crashed(replica, "The engine was gone when its node came back.")
 
 
+def publish_routes(node: str) -> None:
+    """Tell this node's relay which engines it may pass requests to (those with a process)."""
+    live = Replica.objects.filter(node=node, port__isnull=False, pid__isnull=False).exclude(
+        state__in=list(Replica.TERMINAL)
+    )
+    relay.publish(node, live)
+
+
 def stop_orphans(node: str) -> list[int]:
     """Stop engine processes of this node that no active replica row owns."""
     owned = {
@@ -267,6 +276,7 @@ def reconcile(node: str | None = None, client: redis.Redis | None = None) -> dic
             step(replica)
             count += 1
         orphans = stop_orphans(node)
+        publish_routes(node)
     finally:
         try:
             lock.release()

@@ -45,6 +45,7 @@ class FakeEngine:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)  # unguarded, as vLLM's is: what the relay must hide
         app.router.add_get("/_fake/requests", self.seen)
         app.router.add_get("/_fake/stats", self.stats)
         app.router.add_post("/_fake/reset", self.reset)
@@ -54,6 +55,9 @@ class FakeEngine:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response()
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=f"vllm:num_requests_running {self.in_flight}\n", content_type="text/plain")
 
     async def seen(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(list(self.requests)), content_type="application/json")

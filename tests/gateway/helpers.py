@@ -4,6 +4,7 @@ process (so it reads the test database), and fake_engine.py in a subprocess."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import subprocess
@@ -58,9 +59,10 @@ class ServerThread:
 class FakeEngineProcess:
     """tests/gateway/fake_engine.py on a port of its own (a FAKE engine, see its docstring)."""
 
-    def __init__(self, key: str = "replica-secret", **options: Any) -> None:
+    def __init__(self, key: str = "replica-secret", netns: str | None = None, **options: Any) -> None:
         self.key, self.port = key, free_port()
-        self.args = [sys.executable, "-m", "tests.gateway.fake_engine", "--port", str(self.port), "--key", key]
+        prefix = ["ip", "netns", "exec", netns] if netns else []  # on another "box": only it can reach it
+        self.args = [*prefix, sys.executable, "-m", "tests.gateway.fake_engine", "--port", str(self.port), "--key", key]
         for name, value in options.items():
             self.args += [f"--{name.replace('_', '-')}", str(value)]
         self.process: subprocess.Popen | None = None
@@ -69,10 +71,10 @@ class FakeEngineProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> FakeEngineProcess:
+    def start(self, probe: bool = True) -> FakeEngineProcess:
         self.process = subprocess.Popen(self.args, cwd=ROOT)
         deadline = time.monotonic() + 15
-        while True:
+        while probe:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return self
@@ -80,6 +82,7 @@ class FakeEngineProcess:
                 pass
             assert time.monotonic() < deadline and self.process.poll() is None, "the fake engine did not start"
             time.sleep(0.05)
+        return self
 
     def seen(self) -> list[dict]:
         return httpx.get(self.url + "/_fake/requests", timeout=5).json()
@@ -141,3 +144,42 @@ class BrokenEngine:
         self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+class RelayProcess:
+    """``manage.py relay`` (the real node relay) serving ``node``'s route table from ``data_dir``, on
+    ``host``, optionally inside a network namespace (another "box")."""
+
+    def __init__(self, data_dir: Path, node: str, host: str = "127.0.0.1", netns: str | None = None) -> None:
+        self.host, self.node, self.port = host, node, free_port()
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.args = [*prefix, sys.executable, "manage.py", "relay", "--host", host, "--port", str(self.port),
+                     "--node", node]  # fmt: skip
+        self.env = {**os.environ, "DATA_DIR": str(data_dir)}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, probe: bool = True) -> RelayProcess:
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=self.env)
+        deadline = time.monotonic() + 30
+        while probe:  # a relay answers 401 to anything of a replica it does not know
+            try:
+                if httpx.get(self.url + "/r/0/health", timeout=1).status_code == 401:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and self.process.poll() is None, "the relay did not start"
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)

@@ -34,6 +34,9 @@ def fake_runtime(db: None, settings: Any) -> EngineRuntime:
 
 
 @pytest.fixture
-def gpu_runtime(db: None) -> EngineRuntime:
-    """A GPU engine runtime on the box "gpubox" (never started: placement and form tests)."""
+def gpu_runtime(tiny_model: LocalModel) -> EngineRuntime:
+    """A GPU engine runtime on the box "gpubox" (never started: placement and form tests), which holds
+    the test's model (placement refuses a model whose files are on another box)."""
+    LocalModel.objects.filter(pk=tiny_model.pk).update(node="gpubox")
+    tiny_model.node = "gpubox"
     return EngineRuntime.objects.create(node="gpubox", name="vllm", package="vllm", python_path="/x", status="ready")

@@ -1,0 +1,176 @@
+"""The node relay: how the console reaches a replica on another box without exposing its engine.
+
+vLLM's ``--api-key`` guards only its ``/v1`` routes; ``/metrics``, ``/tokenize``, ``/pause``,
+``/invocations`` and others answer anyone who can reach the port. So engines stay bound to
+127.0.0.1 on every box, and each box runs one relay (``manage.py relay``) on its cluster address
+(``NODE_ADDRESS:RELAY_PORT``). The relay answers only ``/r/<replica id>/<allowed path>``, only with
+that replica's own key (compared by hash, in constant time), and passes the request to the engine on
+loopback, streaming its answer back as it comes.
+
+The relay knows nothing of the database: the node's reconcile pass writes the table of the replicas
+it runs (id → port and the SHA-256 of the key) to ``DATA_DIR/relay/<node>.json`` (mode 0600), and
+the relay rereads it when it changes. A route is published when the engine is launched, before it
+can be marked ready, so the gateway never sees a ready replica the relay does not know.
+
+When the engine cannot be reached the relay answers 502 with ``X-Relay-Failure``, which the gateway
+takes as a failed replica (it tries another), as it would a refused connection to a local engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from django.conf import settings
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from provisioning.models import Replica
+
+log = logging.getLogger(__name__)
+
+FAILURE_HEADER = "X-Relay-Failure"
+# What the console itself asks of an engine: the gateway's endpoints, the model list, and health and
+# metrics for the console's own checks. Everything else vLLM serves is refused, key or not.
+ALLOWED = frozenset({
+    ("POST", "v1/chat/completions"), ("POST", "v1/completions"), ("POST", "v1/embeddings"),
+    ("GET", "v1/models"), ("GET", "health"), ("GET", "metrics"),
+})  # fmt: skip
+FORWARDED_HEADERS = ("Authorization", "Content-Type", "Accept")
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def table_path(node: str) -> Path:
+    return Path(settings.DATA_DIR) / "relay" / f"{node}.json"
+
+
+def url(node_address: str, replica_pk: int) -> str:
+    """The base URL of a replica on another box, as the gateway reaches it."""
+    host = f"[{node_address}]" if ":" in node_address else node_address
+    return f"http://{host}:{settings.RELAY_PORT}/r/{replica_pk}"
+
+
+def publish(node: str, replicas: Iterable[Replica]) -> None:
+    """Write the node's route table (atomically: the relay may read at any moment)."""
+    table = {
+        str(replica.pk): {"port": replica.port, "key_sha256": key_digest(replica.key())}
+        for replica in replicas
+        if replica.port and replica.key_sealed
+    }
+    path = table_path(node)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump({"replicas": table}, out)
+    os.replace(scratch, path)
+
+
+@dataclass(frozen=True)
+class Target:
+    port: int
+    key_sha256: str
+
+
+class Table:
+    """The published routes, reread when the file changes (one ``stat`` per request)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int] | None = None
+        self._targets: dict[str, Target] = {}
+
+    def get(self, replica: str) -> Target | None:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._targets = None, {}
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_ino)
+        if stamp != self._stamp:
+            try:
+                rows = json.loads(self.path.read_text())["replicas"]
+                self._targets = {pk: Target(int(row["port"]), str(row["key_sha256"])) for pk, row in rows.items()}
+                self._stamp = stamp
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("relay: unreadable route table %s (%s); keeping the last one", self.path, exc)
+        return self._targets.get(replica)
+
+
+def _refusal(status: int, message: str, code: str, **headers: str) -> web.Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+class Relay:
+    def __init__(self, table: Table, engine_host: str = "127.0.0.1") -> None:
+        self.table, self.engine_host = table, engine_host
+        self.session: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=settings.GATEWAY_MAX_BODY_BYTES)
+        app.router.add_route("*", "/r/{replica:[0-9]{1,12}}/{path:.*}", self.forward)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, _app: web.Application) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=settings.GATEWAY_UPSTREAM_TIMEOUT_SECONDS)
+        self.session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+
+    async def _close(self, _app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["path"]
+        if (request.method, path) not in ALLOWED:
+            return _refusal(404, "Not served through the relay.", "not_found")
+        target = self.table.get(request.match_info["replica"])
+        bearer = request.headers.get("Authorization", "")
+        offered = bearer[7:] if bearer.startswith("Bearer ") else ""
+        # Unknown replica and wrong key answer alike: the relay does not say which replicas exist.
+        if target is None or not offered or not hmac.compare_digest(key_digest(offered), target.key_sha256):
+            return _refusal(401, "Unauthorized.", "invalid_api_key")
+        assert self.session is not None
+        headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
+        body = await request.read()
+        upstream_url = f"http://{self.engine_host}:{target.port}/{path}"
+        try:
+            upstream = await self.session.request(request.method, upstream_url, data=body or None, headers=headers)
+        except (aiohttp.ClientConnectionError, TimeoutError):
+            return _refusal(502, "The engine is not answering.", "upstream_failed", **{FAILURE_HEADER: "unreachable"})
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status)
+            for name in ("Content-Type", "Cache-Control"):
+                if name in upstream.headers:
+                    response.headers[name] = upstream.headers[name]
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError):
+                # The engine died mid-answer: cut the connection so the caller sees a broken answer,
+                # never a short one that looks whole.
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+            return response
+
+
+def serve(host: str, port: int, node: str, **options: Any) -> None:
+    relay = Relay(Table(table_path(node)))
+    web.run_app(relay.app(), host=host, port=port, access_log=None, print=None, **options)
