@@ -4,6 +4,7 @@ process (so it reads the test database), and fake_engine.py in a subprocess."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +185,23 @@ class RelayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+
+
+@contextlib.contextmanager
+def gateway_client(deployment: Any, department: str = "Research") -> Iterator[Any]:
+    """A fresh gateway on its own port and an openai client with a key of a new department that may
+    use ``deployment``."""
+    import openai
+
+    from gateway.app import GatewayApp
+    from tenancy.models import ApiKey, Department
+
+    owner = Department.objects.create(name=department)
+    owner.deployments.add(deployment)
+    _, raw = ApiKey.issue(owner, "bot")
+    app = GatewayApp()
+    server = ServerThread(app, app.close).start()
+    try:
+        yield openai.OpenAI(base_url=server.url + "/v1", api_key=raw, max_retries=0)
+    finally:
+        server.stop()

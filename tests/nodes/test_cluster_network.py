@@ -16,15 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
-from gateway.app import GatewayApp
 from nodes.models import Node
 from provisioning import relay
 from provisioning.models import Replica
-from tenancy.models import ApiKey, Department
-from tests.gateway.helpers import ROOT, FakeEngineProcess, RelayProcess, ServerThread
+from tests.gateway.helpers import ROOT, FakeEngineProcess, RelayProcess, gateway_client
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -119,17 +116,9 @@ def test_a_replica_on_another_box_is_reached_only_through_its_relay_with_its_key
 
         # The console: its gateway routes to box2's replica over the cluster network.
         Node.objects.create(name="box2", address=box2_address)
-        department = Department.objects.create(name="Research")
-        department.deployments.add(deployment)
-        _, raw = ApiKey.issue(department, "bot")
-        app = GatewayApp()
-        server = ServerThread(app, app.close).start()
-        try:
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key=raw, max_retries=0)
+        with gateway_client(deployment) as client:
             answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
             assert answer.usage.completion_tokens == 5
-        finally:
-            server.stop()
 
         # The console's own box cannot reach the engine itself either: only the relay is on the network.
         with pytest.raises(httpx.ConnectError):

@@ -14,12 +14,10 @@ import httpx
 import openai
 import pytest
 
-from gateway.app import GatewayApp
 from nodes.models import Node
 from provisioning import reconcile, relay
 from provisioning.models import Replica
-from tenancy.models import ApiKey, Department
-from tests.gateway.helpers import FakeEngineProcess, RelayProcess, ServerThread
+from tests.gateway.helpers import FakeEngineProcess, RelayProcess, gateway_client
 from tests.models_catalog.helpers import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -137,13 +135,7 @@ def test_the_gateway_reaches_replicas_of_another_box_through_its_relay(
     dead = replica_on(deployment, free_port(), "dead-secret", ordinal=1)
     relay.publish(BOX, [live, dead])
     Node.objects.create(name=BOX, address="127.0.0.1")
-    department = Department.objects.create(name="Legal")
-    department.deployments.add(deployment)
-    _, raw = ApiKey.issue(department, "bot")
-    app = GatewayApp()
-    server = ServerThread(app, app.close).start()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=raw, max_retries=0)
+    with gateway_client(deployment) as client:
         for _ in range(4):  # the dead replica is tried at most once, then the live one answers
             answer = client.completions.create(model="tiny", prompt="hello", max_tokens=3)
             assert answer.usage.completion_tokens == 3
@@ -155,6 +147,4 @@ def test_the_gateway_reaches_replicas_of_another_box_through_its_relay(
         with pytest.raises(openai.APIStatusError) as refused:
             client.completions.create(model="tiny", prompt="hello", max_tokens=3)
         assert refused.value.status_code == 503
-    finally:
-        server.stop()
     assert len([seen for seen in engine.seen() if seen["path"] == "/v1/completions"]) == 4
