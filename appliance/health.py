@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
 from appliance.worker import alive_workers, redis_client
 
@@ -64,6 +65,24 @@ def check_billing() -> dict[str, Any]:
     return state
 
 
+def check_backup() -> dict[str, Any]:
+    """The last backup's outcome; overdue when the newest good one is older than twice the interval."""
+    from appliance.models import Backup
+
+    try:
+        last = Backup.objects.first()
+        good = Backup.objects.filter(status=Backup.Status.OK).first()
+    except Exception:  # the database is down: check_database says so
+        return {"status": None, "at": None, "overdue": False}
+    interval = settings.BACKUP_INTERVAL_HOURS * 3600
+    age = (timezone.now() - good.created_at).total_seconds() if good else None
+    return {
+        "status": last.status if last else None, "at": last.created_at if last else None,
+        "error": last.error if last else "", "good_at": good.created_at if good else None,
+        "overdue": bool(interval) and (age is None or age > 2 * interval),
+    }  # fmt: skip
+
+
 def report() -> dict[str, Any]:
     database = check_database()
     redis_state, worker = check_redis_and_workers()
@@ -73,5 +92,6 @@ def report() -> dict[str, Any]:
         "redis": redis_state,
         "worker": worker,
         "billing": check_billing(),
+        "backup": check_backup(),
         "node": settings.NODE_NAME,
     }

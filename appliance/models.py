@@ -177,3 +177,50 @@ class ApiToken(models.Model):
         if self.expires_at and self.expires_at <= timezone.now():
             return "expired"
         return "active"
+
+
+class Backup(models.Model):
+    """One run of ``appliance.backup.write`` (by hand or scheduled): its outcome, for the Overview."""
+
+    class Status(models.TextChoices):
+        OK = "ok", _("Succeeded")
+        FAILED = "failed", _("Failed")
+
+    class Trigger(models.TextChoices):
+        SCHEDULED = "scheduled", _("Scheduled")
+        MANUAL = "manual", _("By hand")
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    seconds = models.FloatField(default=0)
+    trigger = models.CharField(max_length=16, choices=Trigger.choices, default=Trigger.MANUAL)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    path = models.CharField(max_length=1000, blank=True)
+    size_bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.get_status_display()} {self.created_at:%Y-%m-%d %H:%M}"
+
+    @classmethod
+    def run(cls, trigger: str = "manual") -> Backup:
+        """Write an archive, prune old ones (``BACKUP_KEEP``) and record the outcome; never raises
+        for a failed backup: the row says what went wrong."""
+        import time
+
+        from appliance import backup
+
+        started = time.perf_counter()
+        try:
+            written = backup.write()
+            backup.prune(written.path.parent, settings.BACKUP_KEEP)
+        except Exception as exc:  # a full disk, an unwritable folder, a database error: said, not raised
+            return cls.objects.create(trigger=trigger, status=cls.Status.FAILED, error=f"{type(exc).__name__}: {exc}",
+                                      seconds=time.perf_counter() - started)  # fmt: skip
+        return cls.objects.create(
+            trigger=trigger, status=cls.Status.OK, path=str(written.path), size_bytes=written.size,
+            sha256=written.sha256, seconds=time.perf_counter() - started,
+        )  # fmt: skip

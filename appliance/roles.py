@@ -85,6 +85,7 @@ PERMISSIONS: dict[str, Rule] = {
     "runtime.view": Rule(_READERS),
     "gpu.view": Rule(_READERS),
     "node.view": Rule(_READERS),
+    "backup.view": Rule(_READERS),  # the last backup's outcome on the Overview
     "model.manage": Rule(_OPS, changes=True),
     "runtime.install": Rule(_OPS, changes=True),
     "deployment.manage": Rule(_OPS, changes=True),

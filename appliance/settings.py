@@ -297,6 +297,17 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(MODEL_UPDATE_CHECK_SECONDS),
     },
 }
+# Backups (``manage.py backup``; appliance.backup): where archives go, how many are kept, and how
+# often beat makes one on the console's box (0: never).
+BACKUP_DIR = env_path("BACKUP_DIR", VAR_DIR / "backups")
+BACKUP_KEEP = env_int("BACKUP_KEEP", 7, minimum=1, maximum=10000)
+BACKUP_INTERVAL_HOURS = env_int("BACKUP_INTERVAL_HOURS", 24, minimum=0, maximum=24 * 365)
+if BACKUP_INTERVAL_HOURS:
+    CELERY_BEAT_SCHEDULE["backup"] = {
+        "task": "appliance.tasks.scheduled_backup",
+        "schedule": BACKUP_INTERVAL_HOURS * 3600.0,
+        "options": {"queue": NODE_QUEUE},  # the box beat runs on: the console's, whose disk keeps them
+    }
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 5, minimum=1, maximum=300)
 # A node whose worker has not reported for this long is unreachable (its replicas are lost).
 NODE_LOST_SECONDS = env_int("NODE_LOST_SECONDS", 20, minimum=3, maximum=3600)

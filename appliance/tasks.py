@@ -17,3 +17,11 @@ def recover_stale_jobs() -> int:
 
     grace = timedelta(seconds=settings.WORKER_HEARTBEAT_SECONDS * 6)
     return recover_stale(set(worker.alive_workers()), grace)
+
+
+@shared_task(name="appliance.tasks.scheduled_backup")
+def scheduled_backup() -> str:
+    """The periodic backup (BACKUP_INTERVAL_HOURS); its outcome is a Backup row the Overview shows."""
+    from appliance.models import Backup
+
+    return Backup.run(Backup.Trigger.SCHEDULED).status
