@@ -208,6 +208,8 @@ GPU_SOURCE = env_choice("GPU_SOURCE", "nvml", ("nvml", "simulated"))
 GPU_SIMULATED_COUNT = env_int("GPU_SIMULATED_COUNT", 8, minimum=1, maximum=64)
 GPU_SAMPLE_SECONDS = env_int("GPU_SAMPLE_SECONDS", 5, minimum=1, maximum=3600)
 GPU_TEMPERATURE_WARNING_C = env_int("GPU_TEMPERATURE_WARNING_C", 85, minimum=30, maximum=120)
+# How often each node reads its ready engines' /metrics (kept as long as GPU samples).
+ENGINE_METRICS_SECONDS = env_int("ENGINE_METRICS_SECONDS", GPU_SAMPLE_SECONDS, minimum=1, maximum=3600)
 GPU_RETENTION_RAW_HOURS = env_int("GPU_RETENTION_RAW_HOURS", 24, minimum=1)
 GPU_RETENTION_MINUTE_DAYS = env_int("GPU_RETENTION_MINUTE_DAYS", 7, minimum=1)
 GPU_RETENTION_HOUR_DAYS = env_int("GPU_RETENTION_HOUR_DAYS", 90, minimum=1)
@@ -289,6 +291,8 @@ CELERY_BEAT_SCHEDULE = {
     "reconcile": {"task": "provisioning.reconcile_all", "schedule": float(RECONCILE_SECONDS)},
     "collect-gpus": {"task": "gpus.collect_all", "schedule": float(GPU_SAMPLE_SECONDS)},
     "rollup-gpu-samples": {"task": "gpus.rollup", "schedule": 60.0},
+    "scrape-engines": {"task": "provisioning.scrape_all", "schedule": float(ENGINE_METRICS_SECONDS)},
+    "rollup-engine-samples": {"task": "provisioning.rollup_engine_samples", "schedule": 60.0},
     "drain-usage": {"task": "tenancy.drain_usage", "schedule": float(USAGE_DRAIN_SECONDS)},
     "rebuild-budgets": {"task": "tenancy.rebuild_budgets", "schedule": 5.0},
     "account-gpu-hours": {"task": "tenancy.account_gpu_hours", "schedule": 60.0},

@@ -7,6 +7,8 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from appliance import rollup
+
 
 class Health(models.TextChoices):
     OK = "ok", _("Healthy")
@@ -89,10 +91,7 @@ class GpuSample(models.Model):
     """Readings of one GPU: raw every few seconds, and averages (maxima for counters) per minute and
     per hour. One table, keyed by (gpu, resolution, time), so a chart is one index range scan."""
 
-    class Resolution(models.TextChoices):
-        RAW = "raw"
-        MINUTE = "minute"
-        HOUR = "hour"
+    Resolution = rollup.Resolution
 
     gpu = models.ForeignKey(Gpu, on_delete=models.CASCADE, related_name="samples")
     resolution = models.CharField(max_length=8, choices=Resolution.choices, default=Resolution.RAW)

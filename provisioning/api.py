@@ -6,7 +6,7 @@ see only the deployments their departments may use. Rules: ``appliance.roles`` v
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from django.db import transaction
 from django.http import HttpRequest
@@ -17,6 +17,8 @@ from ninja.responses import Status
 
 from appliance import audit
 from appliance.api import require
+from gpus.charts import RANGES
+from provisioning import engine_metrics
 from provisioning.forms import DeployForm
 from provisioning.models import Deployment, DeploymentBusy, EngineRuntime, RuntimeJob
 from provisioning.placement import PlacementRefused, place
@@ -98,6 +100,30 @@ def _managed(request: HttpRequest, deployment_id: int, action: str) -> Deploymen
     deployment = _deployment(request, deployment_id)
     require(request, "deployment.manage", action=action)
     return deployment
+
+
+class EngineSeriesOut(Schema):
+    label: str
+    points: list[tuple[int, float]] = Field(..., description="[epoch milliseconds, value]")
+
+
+class EngineChartOut(Schema):
+    unit: str
+    series: list[EngineSeriesOut]
+
+
+ChartName = Literal["requests", "kv_cache", "throughput", "ttft", "itl", "e2e"]  # engine_metrics.CHARTS
+RangeName = Literal["1h", "24h", "7d", "30d"]  # gpus.charts.RANGES
+assert set(get_args(ChartName)) == set(engine_metrics.CHARTS) and set(get_args(RangeName)) == set(RANGES)
+
+
+@router.get("/deployments/{deployment_id}/engine-metrics", response=EngineChartOut,
+            summary="One engine-metrics chart of a deployment (what its engines report), per replica")  # fmt: skip
+def deployment_engine_metrics(
+    request: HttpRequest, deployment_id: int, chart: ChartName = "requests", range: RangeName = "1h"
+) -> Any:
+    require(request, "deployment.view")
+    return engine_metrics.series(_deployment(request, deployment_id), range, chart)
 
 
 @router.get("/deployments/{deployment_id}", response=DeploymentOut, summary="One deployment")

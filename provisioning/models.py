@@ -22,6 +22,7 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from appliance import rollup
 from appliance.archiving import delete_or_archive, unlink_many_to_many
 from appliance.jobs import Job
 from appliance.roles import can, department_ids
@@ -289,3 +290,37 @@ class Replica(models.Model):
 
     def fields(self) -> dict[str, Any]:
         return {"state": self.state, "port": self.port, "pid": self.pid}
+
+
+class EngineSample(models.Model):
+    """What a replica's engine reported of its serving (``provisioning.engine_metrics``): raw every
+    ``ENGINE_METRICS_SECONDS``, averaged per minute and per hour (preemptions summed), kept as long
+    as GPU samples. Latencies are seconds; rates are tokens per second; ``kv_cache`` is 0..1."""
+
+    Resolution = rollup.Resolution
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="engine_samples")
+    replica = models.ForeignKey(Replica, on_delete=models.CASCADE, related_name="engine_samples")
+    resolution = models.CharField(max_length=8, choices=Resolution.choices, default=Resolution.RAW)
+    time = models.DateTimeField()
+    running = models.FloatField(null=True)
+    waiting = models.FloatField(null=True)
+    kv_cache = models.FloatField(null=True)
+    prompt_tps = models.FloatField(null=True)
+    generation_tps = models.FloatField(null=True)
+    prefix_hit_rate = models.FloatField(null=True)
+    preemptions = models.FloatField(null=True)
+    ttft_p50 = models.FloatField(null=True)
+    ttft_p99 = models.FloatField(null=True)
+    itl_p50 = models.FloatField(null=True)
+    itl_p99 = models.FloatField(null=True)
+    queue_p50 = models.FloatField(null=True)
+    queue_p99 = models.FloatField(null=True)
+    e2e_p50 = models.FloatField(null=True)
+    e2e_p99 = models.FloatField(null=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["deployment", "resolution", "time"], name="enginesample_chart")]
+
+    def __str__(self) -> str:
+        return f"{self.replica_id} {self.resolution} {self.time:%Y-%m-%d %H:%M:%S}"

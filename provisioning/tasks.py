@@ -7,8 +7,9 @@ from django.conf import settings
 
 from appliance.jobs import run_job
 from appliance.worker import alive_workers
+from provisioning import engine_metrics
 from provisioning import reconcile as loop
-from provisioning.models import Deployment, RuntimeJob
+from provisioning.models import Deployment, Replica, RuntimeJob
 from provisioning.runtimes import install
 
 
@@ -19,6 +20,25 @@ def reconcile_all() -> int:
     for node in nodes or {settings.NODE_NAME}:
         reconcile_node.apply_async(queue=f"node.{node}", expires=settings.RECONCILE_SECONDS * 2)
     return len(nodes)
+
+
+@shared_task(name="provisioning.scrape_all", ignore_result=True)
+def scrape_all() -> int:
+    """Each node reads its own engines (they are on its loopback)."""
+    nodes = set(Replica.objects.filter(state=Replica.State.READY).values_list("node", flat=True).distinct())
+    for node in nodes:
+        scrape_node.apply_async(queue=f"node.{node}", expires=settings.ENGINE_METRICS_SECONDS * 2)
+    return len(nodes)
+
+
+@shared_task(name="provisioning.scrape_node", ignore_result=True)
+def scrape_node() -> int:
+    return engine_metrics.collect()
+
+
+@shared_task(name="provisioning.rollup_engine_samples", ignore_result=True)
+def rollup_engine_samples() -> dict:
+    return {"rolled": engine_metrics.rollup(), "pruned": engine_metrics.prune()}
 
 
 @shared_task(name="provisioning.reconcile_node", ignore_result=True)

@@ -9,5 +9,6 @@ urlpatterns = [
     path("new/memory", views.deploy_memory, name="deploy-memory"),
     path("engines/install", views.install_runtime, name="install-runtime"),
     path("<slug:name>/", views.detail, name="detail"),
+    path("<slug:name>/engine-chart", views.engine_chart, name="engine-chart"),
     path("<slug:name>/<slug:action>", views.act, name="act"),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib import messages
 from django.db import IntegrityError, transaction
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
@@ -13,8 +13,9 @@ from django.views.decorators.http import require_GET, require_POST
 from appliance import audit
 from appliance.archiving import ARCHIVED
 from appliance.roles import can, requires
+from gpus.charts import RANGES
 from models_catalog.models import LocalModel
-from provisioning import capacity, launcher
+from provisioning import capacity, engine_metrics, launcher
 from provisioning.forms import DeployForm, ScaleForm, recommended
 from provisioning.models import Deployment, DeploymentBusy, EngineRuntime, Replica, RuntimeJob
 from provisioning.placement import PlacementRefused, place
@@ -125,6 +126,18 @@ def _create(request: HttpRequest) -> HttpResponse:
 
 @require_GET
 @requires("deployment.view")
+def engine_chart(request: HttpRequest, name: str) -> HttpResponse:
+    """One engine-metrics chart of a deployment (JSON for the page's charts)."""
+    deployment = get_object_or_404(Deployment.objects.visible_to(request.user), name=name)
+    try:
+        data = engine_metrics.series(deployment, request.GET.get("range", "1h"), request.GET.get("metric", "requests"))
+    except ValueError as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    return JsonResponse(data)
+
+
+@require_GET
+@requires("deployment.view")
 def detail(request: HttpRequest, name: str) -> HttpResponse:
     deployment = get_object_or_404(Deployment.objects.visible_to(request.user).select_related("model", "runtime"),
                                    name=name)  # fmt: skip
@@ -146,6 +159,8 @@ def detail(request: HttpRequest, name: str) -> HttpResponse:
             "gpu_alerts": gpu_alerts(replicas),
             "gateway_url": request.build_absolute_uri("/v1"),
             "departments": deployment.departments.visible_to(request.user).order_by("name").only("pk", "name")[:20],
+            "engine_charts": [(key, chart[0]) for key, chart in engine_metrics.CHARTS.items()],
+            "ranges": RANGES,
             "nav": "deployments",
         },
     )

@@ -31,8 +31,8 @@ from gateway.app import GatewayApp
 from gateway.directory import Route
 from models_catalog.models import LocalModel, ModelJob
 from models_catalog.tasks import model_job_body
-from provisioning import launcher
-from provisioning.models import Deployment, Replica
+from provisioning import engine_metrics, launcher
+from provisioning.models import Deployment, EngineSample, Replica
 from provisioning.runtimes import detect
 from provisioning.tasks import reconcile_node
 from tenancy import usage
@@ -220,6 +220,17 @@ def test_real_engine_lifecycle(
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["usage"]["completion_tokens"] > 0
+            # Its own metrics, under the names this vLLM uses (engine_metrics tolerates others).
+            reading = engine_metrics.scrape(first.port, first.key())
+            assert {"running", "waiting", "kv_cache", "prompt_tokens", "generation_tokens"} <= set(reading.values)
+            assert {"ttft", "itl", "queue", "e2e"} <= set(reading.buckets), reading.buckets.keys()
+            assert engine_metrics.collect() == 1
+            httpx.post(f"{first.base_url}/v1/completions", headers={"Authorization": f"Bearer {first.key()}"},
+                       json={"model": "tiny", "prompt": "once upon", "max_tokens": 6}, timeout=60)  # fmt: skip
+            assert engine_metrics.collect() == 1
+            served = EngineSample.objects.filter(replica=first).latest("pk")
+            assert served.generation_tps > 0 and served.prompt_tps > 0, vars(served)
+            assert served.ttft_p50 is not None and served.e2e_p99 is not None and served.kv_cache is not None
             no_key = httpx.get(f"{first.base_url}/v1/models", timeout=10)
             assert no_key.status_code == 401  # nothing bypasses the gateway without the replica's key
             load_client = through_gateway(gateway.url, redis_db)

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
@@ -41,6 +42,18 @@ class FakeEngine:
         self.disconnected = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        # vLLM's own metric names (v1), exposed with prometheus_client as vLLM does.
+        self.registry = CollectorRegistry()
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", registry=self.registry)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", registry=self.registry)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "TTFT.", registry=self.registry,
+                              buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0))  # fmt: skip
+        running = Gauge("vllm:num_requests_running", "Running.", registry=self.registry)
+        running.set_function(lambda: self.in_flight)
+        Gauge("vllm:num_requests_waiting", "Waiting.", registry=self.registry).set(0)
+        Gauge("vllm:kv_cache_usage_perc", "KV cache use.", registry=self.registry).set_function(
+            lambda: min(1.0, self.in_flight / 10)
+        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -57,7 +70,7 @@ class FakeEngine:
         return web.Response()
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=f"vllm:num_requests_running {self.in_flight}\n", content_type="text/plain")
+        return web.Response(body=generate_latest(self.registry), content_type="text/plain")
 
     async def seen(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(list(self.requests)), content_type="application/json")
@@ -90,6 +103,9 @@ class FakeEngine:
         created = int(time.time())
         if self.first_delay:
             await asyncio.sleep(self.first_delay)
+        self.prompt_tokens.inc(prompt)
+        self.generation_tokens.inc(count)
+        self.ttft.observe(self.first_delay + self.token_delay)
         if request.path == "/v1/embeddings":
             data = {"object": "list", "model": model, "usage": _usage(prompt, 0),
                     "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]}  # fmt: skip
