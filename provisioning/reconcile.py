@@ -96,6 +96,7 @@ def launch(replica: Replica) -> None:
         tensor_parallel=deployment.tensor_parallel,
         max_model_len=deployment.max_model_len,
         extra_args=extra_args,
+        version=runtime.version,
     )
     log_path = Path(settings.DATA_DIR) / "logs" / "replicas" / f"{deployment.name}-{replica.ordinal}.log"
     env = engine_for(runtime).environment(launcher.marker_value(replica.node, replica.pk), key, gpu_ids, runtime.is_cpu)

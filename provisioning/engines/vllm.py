@@ -77,6 +77,15 @@ class Capabilities:
     media: bool  # image/audio/video parts accepted
 
 
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "0.11.2" or "0.11.2+cpu"; (0, 0) when unreadable."""
+    parts = version.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return 0, 0
+
+
 class VllmEngine:
     name = "vllm"
 
@@ -122,8 +131,11 @@ class VllmEngine:
         tensor_parallel: int = 1,
         max_model_len: int | None = None,
         extra_args: list[str] | None = None,
+        version: str = "",
     ) -> list[str]:
-        """The server's argument list, bound to loopback with the console's own arguments first."""
+        """The server's argument list, bound to loopback with the console's own arguments first.
+        Engines that can (vLLM 0.11 and later) leave the console's own polls of ``/metrics`` and
+        ``/health`` out of their access log, which would otherwise bury the lines worth reading."""
         command = [
             python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", model_path,
@@ -136,6 +148,8 @@ class VllmEngine:
             command += ["--tensor-parallel-size", str(tensor_parallel)]
         if max_model_len:
             command += ["--max-model-len", str(max_model_len)]
+        if _release(version) >= (0, 11):
+            command += ["--disable-access-log-for-endpoints", "/metrics,/health"]
         return command + list(extra_args or [])
 
     def environment(self, marker: str, api_key: str, gpu_ids: list[int], cpu: bool) -> dict[str, str]:

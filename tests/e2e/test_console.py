@@ -21,6 +21,7 @@ from typing import Any
 import openai
 import pytest
 from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import expect
 
 from appliance.models import AuditEvent
@@ -510,6 +511,40 @@ def test_the_nodes_page_shows_this_box_and_how_another_joins(page: Any, stack: S
         expect(page.locator("h1")).to_have_text("节点")
         expect(row.locator("[data-state]")).to_have_text("就绪")
         shot(page, "usability-nodes-zh")
+
+
+def test_the_deployment_page_draws_what_its_engine_reports(page: Any, stack: Stack) -> None:
+    """The engine-metrics charts of the walk's deployment, read from their Chart.js objects: the
+    worker scrapes the real engine's /metrics and the charts draw those samples."""
+    needs_walk("deployment")
+    login(page, stack, f"/deployments/{WALK['deployment']}/")
+    ready = (
+        "() => ['requests', 'kv_cache', 'throughput'].every(m => {"
+        " const c = document.querySelector(`canvas.gpu-chart[data-metric=${m}]`);"
+        " return c && c._chart && c._chart.data.datasets.some(d => d.data.length > 1); })"
+    )
+    deadline = time.monotonic() + 60
+    while True:  # samples come every few seconds; the charts load on open (and every 30 s): reopen until drawn
+        try:
+            page.wait_for_function(ready, timeout=5_000)
+            break
+        except PlaywrightTimeoutError:
+            assert time.monotonic() < deadline, page.evaluate(
+                "() => [...document.querySelectorAll('canvas.gpu-chart')].map(c => [c.dataset.metric,"
+                " c._chart ? c._chart.data.datasets.map(d => d.data.length) : null])"
+            )
+            page.reload()
+    lines = page.locator("canvas.gpu-chart[data-metric=requests]").evaluate(
+        "c => c._chart.data.datasets.map(d => d.label)"
+    )
+    assert lines == ["running", "waiting"], lines
+    page.locator('[data-testid="engine-charts"]').scroll_into_view_if_needed()
+    shot(page, "usability-engine-charts")
+    with in_chinese(page):
+        page.wait_for_function(ready, timeout=30_000)
+        expect(page.locator('[data-testid="engine-charts"]')).to_contain_text("首 token 时间")
+        page.locator('[data-testid="engine-charts"]').scroll_into_view_if_needed()
+        shot(page, "usability-engine-charts-zh")
 
 
 def test_the_engine_log_shows_its_newest_line_after_a_refresh(page: Any, stack: Stack) -> None:

@@ -28,6 +28,16 @@ def test_command_is_an_argument_list_bound_to_loopback() -> None:
     assert command[command.index("--port") + 1] == "8123"
     assert command[-2:] == ["--max-num-seqs", "8"] and "--tensor-parallel-size" in command
     assert not any("key" in part.lower() for part in command)
+    assert "--disable-access-log-for-endpoints" not in command  # an engine of unknown version: nothing it may lack
+
+
+@pytest.mark.parametrize(("version", "filtered"), [("0.32.0", True), ("0.11.0+cpu", True), ("0.10.2", False),
+                                                    ("", False), ("fake", False)])  # fmt: skip
+def test_the_consoles_own_polls_stay_out_of_the_engine_log_where_it_can(version: str, filtered: bool) -> None:
+    command = engine_for().command("/p", "/m", "chat", 1, gpu_memory_fraction=0.5, version=version)
+    assert ("--disable-access-log-for-endpoints" in command) is filtered
+    if filtered:
+        assert command[command.index("--disable-access-log-for-endpoints") + 1] == "/metrics,/health"
 
 
 def test_key_goes_by_environment_and_console_secrets_do_not(monkeypatch: Any) -> None:

@@ -24,13 +24,11 @@
   function load(canvas) {
     var url = canvas.dataset.url + "?range=" + encodeURIComponent(current) + "&metric=" + encodeURIComponent(canvas.dataset.metric)
       + (canvas.dataset.gpu ? "&gpu=" + encodeURIComponent(canvas.dataset.gpu) : "");
-    canvas.dataset.loaded = "";
     return fetch(url, { credentials: "same-origin" }).then(function (r) { return r.json(); }).then(function (data) {
       var datasets = data.series.map(function (s) {
         return { label: s.label, data: s.points.map(function (p) { return { x: p[0], y: p[1] }; }), pointRadius: 0, borderWidth: 1.5 };
       });
       var empty = !datasets.some(function (d) { return d.data.length > 0; });
-      canvas.dataset.loaded = String(datasets.reduce(function (n, d) { return n + d.data.length; }, 0));
       showEmpty(canvas, empty);
       var format = timeFormat();
       var until = Date.now(), since = until - (RANGE_HOURS[current] || 1) * 3600 * 1000;  // the whole range
