@@ -100,6 +100,8 @@ PERMISSIONS: dict[str, Rule] = {
     "usage.view": Rule(_EVERYONE),
     "price.view": Rule(_EVERYONE),
     "api_key.manage": Rule(frozenset({_A, _DA}), changes=True),
+    # Trying a deployment spends a department's quota: its admins, and the box's admins and operators.
+    "playground.use": Rule(frozenset({_A, _O, _DA})),  # on departments they administer: gateway.playground
 }
 
 

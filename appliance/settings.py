@@ -238,6 +238,14 @@ GATEWAY_QUEUE_SECONDS = env_int("GATEWAY_QUEUE_SECONDS", 30, minimum=0, maximum=
 GATEWAY_NORMAL_SHARE_PERCENT = env_int("GATEWAY_NORMAL_SHARE_PERCENT", 75, minimum=1, maximum=100)
 GATEWAY_LOW_SHARE_PERCENT = env_int("GATEWAY_LOW_SHARE_PERCENT", 25, minimum=1, maximum=100)
 GATEWAY_PRIORITY_WINDOW_SECONDS = env_int("GATEWAY_PRIORITY_WINDOW_SECONDS", 10, minimum=0, maximum=3600)
+# Where the console's own pages (the playground) reach its /v1 gateway: the web server `make run`
+# starts (CONSOLE_HOST, CONSOLE_PORT), on loopback when it listens on every address.
+_CONSOLE_HOST = env_str("CONSOLE_HOST", "127.0.0.1")
+GATEWAY_INTERNAL_URL = env_str(
+    "GATEWAY_INTERNAL_URL",
+    f"http://{'127.0.0.1' if _CONSOLE_HOST in ('0.0.0.0', '::', '') else _CONSOLE_HOST}:"  # noqa: S104 - reading the bind address, not binding
+    f"{env_int('CONSOLE_PORT', 8000, minimum=1, maximum=65535)}",
+)
 GATEWAY_UPSTREAM_TIMEOUT_SECONDS = env_int("GATEWAY_UPSTREAM_TIMEOUT_SECONDS", 600, minimum=1, maximum=86400)
 GATEWAY_LEASE_SECONDS = env_int("GATEWAY_LEASE_SECONDS", 900, minimum=10, maximum=86400)
 # Prompts sharing at least this many leading characters prefer one replica (vLLM prefix cache).

@@ -30,6 +30,7 @@ urlpatterns = [
     path("gpus/", include("gpus.urls")),
     path("departments/", include("tenancy.urls")),
     path("nodes/", include("nodes.urls")),
+    path("playground/", include("gateway.urls")),
     path("", include("dashboard.urls")),
 ]
 

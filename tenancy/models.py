@@ -413,3 +413,34 @@ class ModelPrice(models.Model):
     def can_set(user: Any) -> bool:
         """Prices apply to every department's bill: appliance admins only."""
         return can(user, "price.set")
+
+
+class PlaygroundKey(models.Model):
+    """The key the console's playground calls the gateway with for a department: an ordinary key of
+    the department (listed with its keys, limited and billed like any other, revocable), whose
+    secret the console keeps sealed because it must use it again. A revoked or deleted one is
+    replaced by a new one at the next use."""
+
+    NAME = "Console playground"
+
+    department = models.OneToOneField(Department, on_delete=models.CASCADE, related_name="playground_key")
+    key = models.OneToOneField(ApiKey, on_delete=models.CASCADE, related_name="+")
+    secret_sealed = models.TextField()
+
+    def __str__(self) -> str:
+        return f"{self.department} playground"
+
+    @classmethod
+    def secret_for(cls, department: Department) -> str:
+        """The raw key to call the gateway with on the department's behalf (made when missing)."""
+        from appliance.sealing import seal, unseal
+
+        with transaction.atomic():
+            found = cls.objects.select_for_update().select_related("key").filter(department=department).first()
+            if found is not None and found.key.is_usable:
+                return unseal(found.secret_sealed)
+            if found is not None:
+                found.delete()
+            key, raw = ApiKey.issue(department, cls.NAME)
+            cls.objects.create(department=department, key=key, secret_sealed=seal(raw))
+            return raw

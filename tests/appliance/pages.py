@@ -13,7 +13,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 # The console's own apps; other URL patterns (Django's, django-ninja's) are someone else's.
 CONSOLE_MODULES = ("appliance.", "dashboard.", "tenancy.", "provisioning.", "models_catalog.", "gpus.", "nodes.",
-                   "tests.jobapp.")  # fmt: skip
+                   "gateway.", "tests.jobapp.")  # fmt: skip
 
 # Not pages of the console, so no role rule: what signs in and out, the machines' endpoints and the API
 # (whose endpoints ask the same rules themselves: tests/appliance/test_api_fuzz.py).

@@ -74,6 +74,12 @@ TWINS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
 }
 
 
+# Page actions whose twin is not in the management API, and why.
+NO_TWIN = {
+    "gateway:playground-chat": "the playground's chat is the /v1 gateway's chat/completions with a department's key",
+}
+
+
 def page_actions() -> dict[str, str]:
     """Every page action of the URL conf -> the rule the page asks for it."""
     actions = {}
@@ -90,7 +96,7 @@ def page_actions() -> dict[str, str]:
 def test_every_page_action_has_an_api_twin() -> None:
     actions = page_actions()
     assert len(actions) > 30, "the URL conf walk found too few page actions"
-    missing = sorted(set(actions) - set(TWINS))
+    missing = sorted(set(actions) - set(TWINS) - set(NO_TWIN))
     assert missing == [], "page actions without an API twin: add the endpoint and its TWINS entry"
     stale = sorted(set(TWINS) - set(actions))
     assert stale == [], "TWINS entries for page actions that no longer exist"

@@ -81,7 +81,7 @@ class Console(Process):
         self.port = free_port()
         command = [sys.executable, "-m", "uvicorn", "appliance.asgi:application", "--host", "127.0.0.1",
                    "--port", str(self.port)]  # fmt: skip
-        super().__init__("web", command, env)
+        super().__init__("web", command, {**env, "CONSOLE_PORT": str(self.port)})  # the playground's gateway
 
     @property
     def url(self) -> str:

@@ -547,6 +547,36 @@ def test_the_deployment_page_draws_what_its_engine_reports(page: Any, stack: Sta
         shot(page, "usability-engine-charts-zh")
 
 
+def test_the_playground_streams_an_answer_with_its_figures(page: Any, stack: Stack) -> None:
+    """An admin tries the walk's deployment on the department's behalf: the answer streams from the real
+    engine through the console's gateway, with its tokens, time to first token and tokens per second,
+    and the same call in Python beside it; in Chinese too."""
+    needs_walk("deployment", "department")
+    login(page, stack, "/playground/")
+    form = page.locator("#playground")
+    form.get_by_label("Department (billed)").select_option(label=WALK["department"].name)
+    form.get_by_label("Deployment", exact=True).select_option(WALK["deployment"])
+    form.get_by_label("Most tokens in the answer").fill("12")
+    form.get_by_label("Message").fill("Say hello")
+    form.get_by_role("button", name="Send").click()
+    stats = page.locator("#pane-a .stats")
+    expect(stats).to_contain_text("tokens/s", timeout=60_000)
+    assert page.locator("#pane-a .turn.assistant").inner_text().strip(), "no answer drawn"
+    assert 0 < int(stats.get_attribute("data-tokens")) <= 12
+    expect(page.locator("#pg-snippet")).to_contain_text(f"model='{WALK['deployment']}'")
+    shot(page, "usability-playground")
+    with in_chinese(page):
+        form.get_by_label("部门（计费）").select_option(label=WALK["department"].name)
+        form.get_by_label("消息").fill("Say hello again")
+        form.get_by_role("button", name="发送").click()  # 256 tokens asked, the department allows 64
+        expect(page.locator("#pane-a .turn.error")).to_contain_text("64", timeout=30_000)
+        form.get_by_label("回答最多 token 数").fill("12")
+        form.get_by_label("消息").fill("Say hello again")
+        form.get_by_role("button", name="发送").click()
+        expect(page.locator("#pane-a .stats")).to_contain_text("token/秒", timeout=60_000)
+        shot(page, "usability-playground-zh")
+
+
 def test_the_engine_log_shows_its_newest_line_after_a_refresh(page: Any, stack: Stack) -> None:
     needs_walk("deployment")
     login(page, stack, f"/deployments/{WALK['deployment']}/")
