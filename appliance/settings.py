@@ -209,6 +209,8 @@ GPU_SIMULATED_COUNT = env_int("GPU_SIMULATED_COUNT", 8, minimum=1, maximum=64)
 GPU_SAMPLE_SECONDS = env_int("GPU_SAMPLE_SECONDS", 5, minimum=1, maximum=3600)
 GPU_TEMPERATURE_WARNING_C = env_int("GPU_TEMPERATURE_WARNING_C", 85, minimum=30, maximum=120)
 # How often each node reads its ready engines' /metrics (kept as long as GPU samples).
+# How far back the deployment targets look (the latest samples of each replica).
+TARGET_WINDOW_SECONDS = env_int("TARGET_WINDOW_SECONDS", 60, minimum=5, maximum=86400)
 ENGINE_METRICS_SECONDS = env_int("ENGINE_METRICS_SECONDS", GPU_SAMPLE_SECONDS, minimum=1, maximum=3600)
 GPU_RETENTION_RAW_HOURS = env_int("GPU_RETENTION_RAW_HOURS", 24, minimum=1)
 GPU_RETENTION_MINUTE_DAYS = env_int("GPU_RETENTION_MINUTE_DAYS", 7, minimum=1)

@@ -195,9 +195,11 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
 
 @require_GET
 def metrics(request: HttpRequest) -> HttpResponse:
-    """Prometheus exposition of the GPUs and the gateway; needs ``Authorization: Bearer <METRICS_TOKEN>``."""
+    """Prometheus exposition of the GPUs, the engines, the deployments' targets and the gateway;
+    needs ``Authorization: Bearer <METRICS_TOKEN>``."""
     from gateway import metrics as gateway_metrics
     from gpus.metrics import GpuCollector
+    from provisioning.metrics import EngineCollector
 
     if not settings.METRICS_TOKEN:
         return HttpResponse("Metrics are off: set METRICS_TOKEN.\n", status=403, content_type="text/plain")
@@ -206,5 +208,6 @@ def metrics(request: HttpRequest) -> HttpResponse:
         return HttpResponse("A valid metrics token is required.\n", status=401, content_type="text/plain")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GpuCollector())
+    registry.register(EngineCollector())
     body = generate_latest(registry) + generate_latest(gateway_metrics.REGISTRY)
     return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

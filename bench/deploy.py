@@ -23,35 +23,16 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, console
+
 DEPLOYS = int(os.environ.get("BENCH_DEPLOYS", "3"))
+# The KV-cache share of memory the deploy form proposes for the CPU engine (0.05 did not start here).
+KV_FRACTION = float(os.environ.get("BENCH_KV_FRACTION", "0.1"))
 
 
 def setup(work: Path) -> dict[str, str]:
-    env = {
-        "DJANGO_SETTINGS_MODULE": "appliance.settings",
-        "VAR_DIR": str(work / "var"),
-        "DATA_DIR": str(work / "data"),
-        "DATABASE_URL": f"sqlite:///{work / 'bench.sqlite3'}",
-        "REDIS_URL": "redis://127.0.0.1:6379/12",
-        "ENGINES_DIR": str(ROOT / "var" / "engines"),
-        "NODE_NAME": "benchnode",
-        "DISK_RESERVE_BYTES": "0",
-        "LOG_LEVEL": "WARNING",
-        "ALLOWED_HOSTS": "testserver",
-    }
-    os.environ.update(env)
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-    import redis
-
-    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
-    return env
+    return console(work, redis_db=12, ALLOWED_HOSTS="testserver")
 
 
 def first_health(port: int, deadline: float) -> float | None:
@@ -71,7 +52,7 @@ def engine_alone(python: str, model: str) -> float:
     from provisioning.engines import engine_for
 
     port = launcher.free_port()
-    command = engine_for().command(python, model, "alone", port, gpu_memory_fraction=0.05, max_model_len=512)
+    command = engine_for().command(python, model, "alone", port, gpu_memory_fraction=KV_FRACTION, max_model_len=512)
     env = engine_for().environment("bench:alone", "k", [], cpu=True)
     started = time.time()
     pid = launcher.start(command, env, Path(tempfile.gettempdir()) / "bench-engine-alone.log")
@@ -130,7 +111,7 @@ def main() -> None:
         for index in range(DEPLOYS):
             name = f"tiny-{index}"
             form = {"model": model.pk, "name": name, "runtime": runtime.pk, "replicas": 1, "tensor_parallel": 1,
-                    "gpu_memory_fraction": 0.05, "max_model_len": 512, "extra_args": ""}  # fmt: skip
+                    "gpu_memory_fraction": KV_FRACTION, "max_model_len": 512, "extra_args": ""}  # fmt: skip
             requested = time.time()
             assert client.post("/deployments/new", form).status_code == 302
             deadline = time.monotonic() + 600

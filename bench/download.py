@@ -22,26 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import console
+
 REPEATS = int(os.environ.get("BENCH_REPEATS", "4"))
 FILE_SIZES = [256, 256, 256, 255]  # MiB of weights, plus config and tokenizer files
 
 
 def setup_django(work: Path) -> None:
-    os.environ["DJANGO_SETTINGS_MODULE"] = "appliance.settings"
-    os.environ["VAR_DIR"] = str(work / "client-var")
-    os.environ["DATA_DIR"] = str(work / "client-data")
-    os.environ["DATABASE_URL"] = f"sqlite:///{work / 'client.sqlite3'}"
-    os.environ["REDIS_URL"] = "redis://127.0.0.1:6379/12"
-    os.environ["DISK_RESERVE_BYTES"] = "0"
-    os.environ["LOG_LEVEL"] = "WARNING"
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
+    console(work, redis_db=12, flush=False, VAR_DIR=str(work / "client-var"), DATA_DIR=str(work / "client-data"),
+            DATABASE_URL=f"sqlite:///{work / 'client.sqlite3'}")  # fmt: skip
 
 
 def curl(urls: list[str], headers: list[str], out_dir: Path | None) -> float:

@@ -17,7 +17,7 @@
     one's p99 time to first token with and without the burst, with priority on (engine with
     `--scheduling-policy priority`, gateway queue by class) and off.
 
-Needs `wrk` (Debian: apt-get install wrk). Run: .venv/bin/python bench/gateway.py
+Needs `wrk` (installed from Debian when run as root). Run: .venv/bin/python bench/gateway.py
 BENCH_PARTS=a,v,b,c chooses parts; BENCH_SECONDS sets the length of each load phase.
 """
 
@@ -41,8 +41,9 @@ from typing import Any
 import aiohttp
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, console, need
+
 PARTS = set(os.environ.get("BENCH_PARTS", "a,v,b,c").split(","))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 LITELLM_VENV = ROOT / "var" / "bench" / "litellm-venv"
@@ -88,27 +89,7 @@ def spawn(args: list[str], env: dict[str, str] | None = None, log: Path | None =
 
 
 def setup(work: Path) -> dict[str, str]:
-    env = {
-        "DJANGO_SETTINGS_MODULE": "appliance.settings",
-        "VAR_DIR": str(work / "var"),
-        "DATA_DIR": str(work / "data"),
-        "DATABASE_URL": f"sqlite:///{work / 'bench.sqlite3'}",
-        "REDIS_URL": "redis://127.0.0.1:6379/10",
-        "ENGINES_DIR": str(ROOT / "var" / "engines"),
-        "NODE_NAME": "benchnode",
-        "LOG_LEVEL": "WARNING",
-    }
-    os.environ.update(env)
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
-    import redis
-
-    redis.Redis.from_url(env["REDIS_URL"]).flushdb()
-    return env
+    return console(work, redis_db=10)
 
 
 def tenant(port: int, replica_key: str, departments: dict[str, str], extra_args: list[str] | None = None) -> dict:
@@ -413,8 +394,8 @@ def part_c(env: dict[str, str]) -> tuple[list, dict]:
 
 
 def main() -> None:
-    if "a" in PARTS and not shutil.which("wrk"):
-        raise SystemExit("bench/gateway.py needs wrk: apt-get install wrk")
+    if "a" in PARTS:
+        need("wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     env = setup(work)
     rows, figures = [], {}

@@ -9,7 +9,6 @@ Run: .venv/bin/python bench/gpus.py
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -18,26 +17,14 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import console
+
 REPEATS = 7
 
 
 def setup(work: Path) -> None:
-    os.environ.update(
-        DJANGO_SETTINGS_MODULE="appliance.settings",
-        VAR_DIR=str(work / "var"),
-        DATABASE_URL=f"sqlite:///{work / 'bench.sqlite3'}",
-        REDIS_URL="redis://127.0.0.1:6379/12",
-        LOG_LEVEL="WARNING",
-        ALLOWED_HOSTS="testserver",
-    )
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    call_command("migrate", verbosity=0)
+    console(work, redis_db=12, flush=False, ALLOWED_HOSTS="testserver")
 
 
 def timed(call: object, repeats: int = REPEATS) -> float:

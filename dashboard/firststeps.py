@@ -41,6 +41,23 @@ def counts(user: Any) -> dict[str, Any]:
     return out
 
 
+def busiest(user: Any, count: int = 5) -> list[dict[str, Any]]:
+    """The deployments ``user`` may see with the most tokens in 24 h, and every one past a target
+    (``provisioning.targets``), busiest first."""
+    from provisioning.models import Deployment, TargetAlert
+    from tenancy.reports import tokens_by_model
+
+    tokens = tokens_by_model(user)
+    visible = {d.name: d for d in Deployment.objects.visible_to(user)}
+    names_by_pk = {d.pk: name for name, d in visible.items()}
+    past: dict[str, list[str]] = {}
+    for alert in TargetAlert.objects.filter(resolved_at__isnull=True, deployment_id__in=list(names_by_pk)):
+        past.setdefault(names_by_pk[alert.deployment_id], []).append(alert.label)
+    names = sorted(visible, key=lambda n: -tokens.get(n, 0))
+    chosen = [n for n in names if tokens.get(n)][:count] + [n for n in names if n in past]
+    return [{"name": n, "tokens": tokens.get(n, 0), "past": past.get(n, [])} for n in dict.fromkeys(chosen)]
+
+
 def first_steps(user: Any) -> list[Step]:
     """The way from a fresh box to a department calling a model; [] once it is all done (or for
     those who cannot take the steps)."""

@@ -27,6 +27,7 @@ def overview(request: HttpRequest) -> HttpResponse:
             "gpu_summary": gpu_summary() if can(request.user, "gpu.view") else None,
             "counts": firststeps.counts(request.user),
             "first_steps": firststeps.first_steps(request.user),
+            "busiest": firststeps.busiest(request.user),
             "nav": "overview",
         },
     )

@@ -24,13 +24,17 @@ def _payload(alert: Alert, event: str) -> dict[str, Any]:
 
 
 def notify(alert: Alert, event: str) -> None:
-    """Queue one delivery per enabled webhook, sent after the transaction commits."""
+    """Queue one delivery of a GPU alert's event per enabled webhook."""
+    deliver(_payload(alert, event), event, alert)
+
+
+def deliver(payload: dict[str, Any], event: str, alert: Alert | None = None) -> None:
+    """Queue one delivery of an alert event (``payload``, as the webhook receives it) per enabled
+    webhook, sent after the transaction commits. Other apps' alerts come through here too."""
     from gpus.tasks import deliver_webhook
 
     for webhook in Webhook.objects.filter(enabled=True):
-        delivery = WebhookDelivery.objects.create(
-            webhook=webhook, alert=alert, event=event, payload=_payload(alert, event)
-        )
+        delivery = WebhookDelivery.objects.create(webhook=webhook, alert=alert, event=event, payload=payload)
         transaction.on_commit(lambda pk=delivery.pk: deliver_webhook.delay(pk))
 
 

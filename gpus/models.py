@@ -178,7 +178,9 @@ class WebhookDelivery(models.Model):
         FAILED = "failed", _("Failed")
 
     webhook = models.ForeignKey(Webhook, on_delete=models.CASCADE, related_name="deliveries")
-    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
+    # The GPU alert it reports, if it is one; other alerts (a deployment past its targets) are in the
+    # payload only: this app knows nothing of them.
+    alert = models.ForeignKey(Alert, null=True, blank=True, on_delete=models.CASCADE, related_name="deliveries")
 
     class Event(models.TextChoices):
         OPENED = "opened", _("alert opened")

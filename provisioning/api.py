@@ -14,12 +14,13 @@ from django.shortcuts import get_object_or_404
 from ninja import Field, Router, Schema
 from ninja.errors import HttpError
 from ninja.responses import Status
+from pydantic import StrictInt
 
 from appliance import audit
 from appliance.api import require
 from gpus.charts import RANGES
-from provisioning import engine_metrics
-from provisioning.forms import DeployForm
+from provisioning import engine_metrics, targets
+from provisioning.forms import DeployForm, TargetsForm
 from provisioning.models import Deployment, DeploymentBusy, EngineRuntime, RuntimeJob
 from provisioning.placement import PlacementRefused, place
 from provisioning.runtimes import request_install
@@ -53,6 +54,10 @@ class DeploymentOut(Schema):
     gpu_memory_fraction: float
     max_model_len: int | None
     extra_args: list
+    target_ttft_p99_ms: int | None
+    target_itl_p99_ms: int | None
+    target_max_waiting: int | None
+    target_kv_cache_percent: int | None
     replica_states: list[ReplicaOut] = Field(alias="replica_list")
 
 
@@ -160,6 +165,55 @@ def scale(request: HttpRequest, deployment_id: int, payload: ScaleIn) -> Any:
     _kick()
     deployment.refresh_from_db()
     return _out(deployment)
+
+
+class TargetsIn(Schema):
+    """Every target, as on the page: null (or left out) means no target."""
+
+    target_ttft_p99_ms: StrictInt | None = None
+    target_itl_p99_ms: StrictInt | None = None
+    target_max_waiting: StrictInt | None = None
+    target_kv_cache_percent: StrictInt | None = None
+
+
+class TargetAlertOut(Schema):
+    id: int
+    target: str
+    value: float
+    limit: float
+    opened_at: datetime
+    last_seen_at: datetime
+    occurrences: int
+    resolved_at: datetime | None
+    acknowledged_at: datetime | None
+
+
+@router.put("/deployments/{deployment_id}/targets", response=DeploymentOut,
+            summary="Set the deployment's service targets")  # fmt: skip
+def set_targets(request: HttpRequest, deployment_id: int, payload: TargetsIn) -> Any:
+    deployment = _managed(request, deployment_id, "deployment.targets")
+    form = TargetsForm({k: "" if v is None else v for k, v in payload.dict().items()}, instance=deployment)
+    if not form.is_valid():
+        raise HttpError(400, "; ".join(f"{field}: {' '.join(errors)}" for field, errors in form.errors.items()))
+    form.save()
+    audit.record(request, "deployment.targets", deployment, detail={**form.cleaned_data, "via": "api"})
+    return _out(deployment)
+
+
+@router.get("/deployments/{deployment_id}/target-alerts", response=list[TargetAlertOut],
+            summary="The deployment's target alerts, newest first")  # fmt: skip
+def target_alerts(request: HttpRequest, deployment_id: int) -> Any:
+    require(request, "deployment.view")
+    return list(_deployment(request, deployment_id).target_alerts.all()[:100])
+
+
+@router.post("/deployments/{deployment_id}/target-alerts/acknowledge", response=dict,
+             summary="Acknowledge the deployment's open target alerts")  # fmt: skip
+def acknowledge_target_alerts(request: HttpRequest, deployment_id: int) -> Any:
+    deployment = _managed(request, deployment_id, "deployment.acknowledge")
+    count = targets.acknowledge_open(deployment, request.user)
+    audit.record(request, "deployment.acknowledge", deployment, detail={"alerts": count, "via": "api"})
+    return {"acknowledged": count}
 
 
 @router.post("/deployments/{deployment_id}/stop", response=DeploymentOut, summary="Stop every replica")

@@ -155,7 +155,7 @@ def scrape(port: int, key: str, host: str = "127.0.0.1", timeout: float = 3.0) -
 def collect(node: str | None = None, client: Any = None) -> int:
     """Scrape every ready replica of this node and store one raw sample each; returns how many."""
     from appliance.worker import redis_client
-    from provisioning.models import EngineSample, Replica
+    from provisioning.models import Deployment, EngineSample, Replica
 
     node = node or settings.NODE_NAME
     client = client or redis_client()
@@ -173,6 +173,10 @@ def collect(node: str | None = None, client: Any = None) -> int:
         made.append(EngineSample(deployment_id=replica.deployment_id, replica=replica, time=now,
                                  **derive(before, reading)))  # fmt: skip
     EngineSample.objects.bulk_create(made)
+    from provisioning import targets
+
+    for deployment in Deployment.objects.filter(pk__in={sample.deployment_id for sample in made}):
+        targets.check(deployment, now)
     return len(made)
 
 

@@ -176,5 +176,27 @@ def _gpu_fraction(model: LocalModel, runtime: EngineRuntime, context: int) -> fl
     return round(min(0.9, max(0.1, need / total)), 2)
 
 
+class TargetsForm(forms.ModelForm):
+    """A deployment's service targets; an empty field means no target."""
+
+    class Meta:
+        model = Deployment
+        fields = ["target_ttft_p99_ms", "target_itl_p99_ms", "target_max_waiting", "target_kv_cache_percent"]
+        widgets = {name: forms.NumberInput(attrs={"min": 1}) for name in fields}
+
+    def clean_target_kv_cache_percent(self) -> int | None:
+        value = self.cleaned_data.get("target_kv_cache_percent")
+        if value is not None and not 1 <= value <= 100:
+            raise forms.ValidationError(_("A share of the KV cache: 1 to 100."))
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        for name in ("target_ttft_p99_ms", "target_itl_p99_ms", "target_max_waiting"):
+            if data.get(name) == 0:
+                self.add_error(name, _("Leave it empty for no target; 0 would always be past."))
+        return data
+
+
 class ScaleForm(forms.Form):
     replicas = forms.IntegerField(label=_("Replicas"), min_value=0, max_value=16)

@@ -127,6 +127,12 @@ class Deployment(models.Model):
     max_model_len = models.PositiveIntegerField(_("maximum context length"), null=True, blank=True)
     extra_args = models.JSONField(default=list, blank=True)
     trust_remote_code = models.BooleanField(default=False)
+    # Service targets (provisioning.targets): empty means none. A scrape that finds the deployment past
+    # one opens an alert; admission may use them too.
+    target_ttft_p99_ms = models.PositiveIntegerField(_("p99 time to first token (ms)"), null=True, blank=True)
+    target_itl_p99_ms = models.PositiveIntegerField(_("p99 inter-token latency (ms)"), null=True, blank=True)
+    target_max_waiting = models.PositiveIntegerField(_("most requests waiting"), null=True, blank=True)
+    target_kv_cache_percent = models.PositiveSmallIntegerField(_("most KV cache used (%)"), null=True, blank=True)
     desired = models.CharField(max_length=16, choices=Desired.choices, default=Desired.RUNNING)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -290,6 +296,46 @@ class Replica(models.Model):
 
     def fields(self) -> dict[str, Any]:
         return {"state": self.state, "port": self.port, "pid": self.pid}
+
+
+class TargetAlert(models.Model):
+    """A deployment past one of its targets (``provisioning.targets``): opened when a scrape finds it
+    past, kept (last seen, occurrences) while it stays past, resolved when it is back within, as
+    GPU alerts are; one open alert per target. Sent to the same webhooks."""
+
+    deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="target_alerts")
+    target = models.CharField(max_length=32)  # a Deployment.TARGETS key
+    value = models.FloatField()  # the worst seen, in the target's unit
+    limit = models.FloatField()
+    opened_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    occurrences = models.PositiveIntegerField(default=1)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-opened_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["deployment", "target"],
+                condition=models.Q(resolved_at__isnull=True),
+                name="one_open_target_alert",
+            )
+        ]
+
+    # Which of the deployment's fields each target is (provisioning.targets checks them).
+    FIELDS = {"ttft_p99": "target_ttft_p99_ms", "itl_p99": "target_itl_p99_ms", "waiting": "target_max_waiting",
+              "kv_cache": "target_kv_cache_percent"}  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"{self.deployment_id} {self.target}"
+
+    @property
+    def label(self) -> str:
+        return str(Deployment._meta.get_field(self.FIELDS[self.target]).verbose_name)
 
 
 class EngineSample(models.Model):

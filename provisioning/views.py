@@ -15,8 +15,8 @@ from appliance.archiving import ARCHIVED
 from appliance.roles import can, requires
 from gpus.charts import RANGES
 from models_catalog.models import LocalModel
-from provisioning import capacity, engine_metrics, launcher
-from provisioning.forms import DeployForm, ScaleForm, recommended
+from provisioning import capacity, engine_metrics, launcher, targets
+from provisioning.forms import DeployForm, ScaleForm, TargetsForm, recommended
 from provisioning.models import Deployment, DeploymentBusy, EngineRuntime, Replica, RuntimeJob
 from provisioning.placement import PlacementRefused, place
 from provisioning.runtimes import request_install
@@ -160,13 +160,17 @@ def detail(request: HttpRequest, name: str) -> HttpResponse:
             "gateway_url": request.build_absolute_uri("/v1"),
             "departments": deployment.departments.visible_to(request.user).order_by("name").only("pk", "name")[:20],
             "engine_charts": [(key, chart[0]) for key, chart in engine_metrics.CHARTS.items()],
+            "targets_form": TargetsForm(instance=deployment),
+            "target_alerts": deployment.target_alerts.select_related("acknowledged_by")[:10],
             "ranges": RANGES,
             "nav": "deployments",
         },
     )
 
 
-DEPLOYMENT_ACTIONS = {action: "deployment.manage" for action in ("stop", "start", "restart", "scale", "delete")}
+DEPLOYMENT_ACTIONS = {
+    action: "deployment.manage" for action in ("stop", "start", "restart", "scale", "delete", "targets", "acknowledge")
+}
 
 
 @require_POST
@@ -183,6 +187,21 @@ def act(request: HttpRequest, name: str, action: str) -> HttpResponse:
             messages.error(request, " ".join(form.errors.get("replicas", [])))
             return redirect("provisioning:detail", name=name)
         Deployment.objects.filter(pk=deployment.pk).update(replicas=form.cleaned_data["replicas"])
+    elif action == "targets":
+        form = TargetsForm(request.POST, instance=deployment)
+        if not form.is_valid():
+            messages.error(request, " ".join(f"{form.fields[f].label}: {' '.join(e)}" for f, e in form.errors.items()))
+            return redirect("provisioning:detail", name=name)
+        form.save()
+        audit.record(request, "deployment.targets", deployment, detail=form.cleaned_data)
+        messages.success(request, _("Targets of %(name)s saved: they are checked at every scrape of its engines.")
+                         % {"name": name})  # fmt: skip
+        return redirect("provisioning:detail", name=name)
+    elif action == "acknowledge":
+        count = targets.acknowledge_open(deployment, request.user)
+        audit.record(request, "deployment.acknowledge", deployment, detail={"alerts": count})
+        messages.success(request, _("Acknowledged: they stay open until the deployment is within its targets."))
+        return redirect("provisioning:detail", name=name)
     elif action == "delete":
         try:
             outcome = deployment.remove()

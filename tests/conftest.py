@@ -9,6 +9,7 @@ from django.contrib.auth import get_user_model
 
 from appliance.models import Profile
 from appliance.roles import Role
+from tests.runs import claim
 
 
 @pytest.fixture
@@ -16,8 +17,10 @@ def redis_db() -> redis.Redis:
     """The tests' own Redis db, emptied before and after the test."""
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.flushdb()
+    claim(client)
     yield client
     client.flushdb()
+    claim(client)
 
 
 @pytest.fixture(autouse=True)

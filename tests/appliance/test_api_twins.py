@@ -50,6 +50,8 @@ TWINS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "provisioning:act:restart": ("POST", "/api/v1/deployments/{deployment_id}/restart", None),
     "provisioning:act:scale": ("POST", "/api/v1/deployments/{deployment_id}/scale", {"replicas": 0}),
     "provisioning:act:delete": ("DELETE", "/api/v1/deployments/{deployment_id}", None),
+    "provisioning:act:targets": ("PUT", "/api/v1/deployments/{deployment_id}/targets", {"target_ttft_p99_ms": 500}),
+    "provisioning:act:acknowledge": ("POST", "/api/v1/deployments/{deployment_id}/target-alerts/acknowledge", None),
     # GPUs
     "gpus:alert-ack": ("POST", "/api/v1/alerts/{alert_id}/acknowledge", None),
     "gpus:webhook-create": ("POST", "/api/v1/webhooks", {"name": "w", "url": "https://w.example.com"}),

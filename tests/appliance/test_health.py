@@ -6,6 +6,7 @@ import socket
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.test import Client
 
 from appliance.worker import beat_once, redis_client
@@ -20,13 +21,18 @@ def free_port() -> int:
 
 
 def test_all_up_when_a_worker_beats(client: Client) -> None:
-    beat_once(redis_client(), "worker@testnode")
+    beat_once(redis_client(), f"worker@{settings.NODE_NAME}")
     response = client.get("/healthz")
     assert response.status_code == 200
     body = response.json()
     assert body["ok"] is True
     assert body["database"]["ok"] and body["redis"]["ok"]
-    assert body["worker"] == {"ok": True, "workers": ["worker@testnode"], "nodes": ["testnode"], "this_node": True}
+    assert body["worker"] == {
+        "ok": True,
+        "workers": [f"worker@{settings.NODE_NAME}"],
+        "nodes": [settings.NODE_NAME],
+        "this_node": True,
+    }
 
 
 def test_no_worker_is_503_and_says_so(client: Client) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -149,9 +150,9 @@ def test_stale_sweep_spares_live_workers(redis_db: Any) -> None:
 def test_worker_killed_mid_job_then_restarted_fails_the_job_and_runs_new_ones(redis_db: Any) -> None:
     from tests.workers import WorkerProcess, wait_for
 
-    worker = WorkerProcess("worker@testnode").start()
+    worker = WorkerProcess(f"worker@{settings.NODE_NAME}").start()
     try:
-        assert wait_for(lambda: "worker@testnode" in alive_workers()), worker.output()
+        assert wait_for(lambda: f"worker@{settings.NODE_NAME}" in alive_workers()), worker.output()
         job = StepJob.objects.create(steps=200, step_seconds=0.05)
         job.enqueue()
         assert wait_for(lambda: StepJob.objects.get(pk=job.pk).progress > 0), worker.output()
@@ -162,11 +163,11 @@ def test_worker_killed_mid_job_then_restarted_fails_the_job_and_runs_new_ones(re
         worker.start()
         assert wait_for(lambda: StepJob.objects.get(pk=job.pk).status == JobStatus.FAILED), worker.output()
         job.refresh_from_db()
-        assert job.error == "The worker worker@testnode restarted while this job was running."
+        assert job.error == f"The worker worker@{settings.NODE_NAME} restarted while this job was running."
 
         again = StepJob.objects.create(steps=2)
         again.enqueue()
         assert wait_for(lambda: StepJob.objects.get(pk=again.pk).status == JobStatus.SUCCEEDED), worker.output()
     finally:
         worker.stop()
-    assert "worker@testnode" not in alive_workers()  # a clean stop removes the heartbeat
+    assert f"worker@{settings.NODE_NAME}" not in alive_workers()  # a clean stop removes the heartbeat

@@ -86,8 +86,8 @@ def test_database_is_configured_for_several_processes() -> None:
 def test_node_queue_and_celery_config() -> None:
     from appliance.celery import app
 
-    assert settings.NODE_NAME == "testnode"
-    assert {q.name for q in app.conf.task_queues} == {"default", "node.testnode"}
+    assert settings.NODE_NAME.startswith(f"{settings.NODE_NAME}-")
+    assert {q.name for q in app.conf.task_queues} == {"default", f"node.{settings.NODE_NAME}"}
     assert app.conf.accept_content == ["json"]
     assert app.conf.worker_prefetch_multiplier == 1
     assert "recover-stale-jobs" in app.conf.beat_schedule

@@ -25,6 +25,7 @@ from django.db import connections
 from tests.e2e.hub import LocalHub
 from tests.e2e.stack import NODE, Beat, Console, stack_env
 from tests.engine.conftest import engine_python, tiny_model_dir  # noqa: F401 - fixtures shared with the engine test
+from tests.runs import claim
 from tests.workers import ROOT, WorkerProcess, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
@@ -120,6 +121,7 @@ def stack(e2e_db: None, tiny_model_dir: Path) -> Iterator[Stack]:  # noqa: F811
 
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.flushdb()
+    claim(client)
     data_dir = Path(settings.VAR_DIR) / "e2e-data"
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
@@ -149,6 +151,7 @@ def stack(e2e_db: None, tiny_model_dir: Path) -> Iterator[Stack]:  # noqa: F811
             console.stop()
             hub.stop()
             client.flushdb()
+            claim(client)
 
 
 @pytest.fixture(scope="package")

@@ -15,9 +15,10 @@ import httpx
 from django.conf import settings
 
 from tests.models_catalog.helpers import free_port
+from tests.runs import RUN
 from tests.workers import ROOT, database_url
 
-NODE = "e2enode"  # apart from the other tests' "testnode": engines and queues are told apart by node
+NODE = f"e2enode-{RUN}"  # apart from the other tests' node and other runs': engines are told apart by node
 
 
 def stack_env(data_dir: Path) -> dict[str, str]:

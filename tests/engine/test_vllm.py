@@ -199,7 +199,7 @@ def test_real_engine_lifecycle(
 
     env = {"DATA_DIR": str(settings.DATA_DIR), "DISK_RESERVE_BYTES": "0", "REPLICA_BACKOFF_SECONDS": "1",
            "REPLICA_STOP_GRACE_SECONDS": "10", "ENGINES_DIR": str(settings.ENGINES_DIR)}  # fmt: skip
-    worker = WorkerProcess("worker@testnode", **env).start()
+    worker = WorkerProcess(f"worker@{settings.NODE_NAME}", **env).start()
     app = GatewayApp()
     gateway = ServerThread(app, app.close).start()
     try:

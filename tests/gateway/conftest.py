@@ -6,6 +6,7 @@ from typing import Any
 
 import openai
 import pytest
+from django.conf import settings
 
 from gateway.app import GatewayApp
 from provisioning.models import Deployment, Replica
@@ -38,7 +39,7 @@ def gateway(engine: FakeEngineProcess) -> Iterator[ServerThread]:
 
 
 def add_replica(deployment: Deployment, port: int, key: str, ordinal: int = 0) -> Replica:
-    replica = Replica(deployment=deployment, ordinal=ordinal, node="testnode", port=port, state="ready")
+    replica = Replica(deployment=deployment, ordinal=ordinal, node=settings.NODE_NAME, port=port, state="ready")
     replica.set_key(key)
     replica.save()
     return replica

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 from appliance.jobs import JobStatus
 from models_catalog.models import HubEndpoint, LocalModel, ModelJob
@@ -27,7 +28,7 @@ def test_worker_killed_mid_file_then_resume_fetches_only_the_rest(
     peer_endpoint.url = proxy.url + "/hf"
     peer_endpoint.save()
     proxy.rate_bps = 4 * MiB  # the weights take about 6 s
-    worker = WorkerProcess("worker@testnode", DATA_DIR=str(client_data), DISK_RESERVE_BYTES="0").start()
+    worker = WorkerProcess(f"worker@{settings.NODE_NAME}", DATA_DIR=str(client_data), DISK_RESERVE_BYTES="0").start()
     try:
         first = LocalModel.request_download("acme/tiny", endpoint=peer_endpoint)
         assert wait_for(lambda: partial_size(client_data) >= 10 * MiB, timeout=60), worker.output()

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.urls import reverse
 from django.utils import timezone
 
@@ -82,7 +83,7 @@ def test_the_memory_panel_on_the_cpu_engine_reads_this_boxs_memory(
 ) -> None:
     query = {"model": tiny_model.pk, "runtime": fake_runtime.pk, "gpu_memory_fraction": 0.1}
     panel = admin_client.get(reverse("provisioning:deploy-memory"), query).content.decode()
-    assert "Memory of testnode" in panel and "It fits." in panel
+    assert f"Memory of {settings.NODE_NAME}" in panel and "It fits." in panel
     panel = admin_client.get(reverse("provisioning:deploy-memory"), query | {"gpu_memory_fraction": 1}).content.decode()
     assert "need more than is free" in panel
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.urls import reverse
 
 from models_catalog.models import LocalModel
@@ -34,7 +35,9 @@ def test_a_draining_or_unreachable_box_takes_no_new_replicas(tiny_model: LocalMo
 
 
 def test_a_model_runs_only_on_the_box_that_holds_it(tiny_model: LocalModel) -> None:
-    with pytest.raises(PlacementRefused, match="acme/tiny is on testnode, not on box2: download or import it on box2"):
+    with pytest.raises(
+        PlacementRefused, match=f"acme/tiny is on {settings.NODE_NAME}, not on box2: download or import it on box2"
+    ):
         place(cpu_deployment(tiny_model, "box2"))
 
 

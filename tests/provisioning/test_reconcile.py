@@ -173,7 +173,7 @@ def test_viewer_cannot_deploy(viewer_client: Client, tiny_model: LocalModel, fak
 
 
 def test_one_pass_at_a_time(redis_db: Any) -> None:
-    lock = redis_db.lock("console:reconcile:testnode", timeout=10)
+    lock = redis_db.lock(f"console:reconcile:{settings.NODE_NAME}", timeout=10)
     assert lock.acquire()
     from appliance.worker import redis_client
 
@@ -193,7 +193,7 @@ def test_startup_watcher_marks_ready_without_waiting_for_a_tick(
         reconcile()
     replica = Replica.objects.get()
     assert replica.state == "starting"
-    queued.assert_called_once_with(args=[replica.pk, replica.pid], queue="node.testnode")
+    queued.assert_called_once_with(args=[replica.pk, replica.pid], queue=f"node.{settings.NODE_NAME}")
     assert watch_startup(replica.pk, replica.pid, interval=0.05) == "ready"
     assert Replica.objects.get().state == "ready"
     assert watch_startup(replica.pk, replica.pid) == "no longer starting"

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from django.conf import settings
 
 from nodes.models import Node
 from provisioning import reconcile, relay
@@ -115,15 +116,15 @@ def test_the_relay_streams_and_follows_the_routes_the_node_publishes(
 
 def test_the_node_publishes_the_replicas_that_have_a_process(deployment_factory: Any, data_dir: Path) -> None:
     deployment = deployment_factory()
-    running = replica_on(deployment, 9001, "k1", node="testnode")
-    replica_on(deployment, 9002, "k2", ordinal=1, node="testnode").__class__.objects.filter(ordinal=1).update(
+    running = replica_on(deployment, 9001, "k1", node=settings.NODE_NAME)
+    replica_on(deployment, 9002, "k2", ordinal=1, node=settings.NODE_NAME).__class__.objects.filter(ordinal=1).update(
         state="stopped"
     )
     replica_on(deployment, 9003, "k3", ordinal=2, node="elsewhere")
-    reconcile.publish_routes("testnode")
-    table = json.loads(relay.table_path("testnode").read_text())["replicas"]
+    reconcile.publish_routes(settings.NODE_NAME)
+    table = json.loads(relay.table_path(settings.NODE_NAME).read_text())["replicas"]
     assert table == {str(running.pk): {"port": 9001, "key_sha256": relay.key_digest("k1")}}
-    assert relay.table_path("testnode").stat().st_mode & 0o777 == 0o600  # hashes only, and still private
+    assert relay.table_path(settings.NODE_NAME).stat().st_mode & 0o777 == 0o600  # hashes only, and still private
 
 
 def test_the_gateway_reaches_replicas_of_another_box_through_its_relay(

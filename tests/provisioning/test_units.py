@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from django.conf import settings
 
 from gpus.collect import collect
 from gpus.models import Gpu
@@ -124,7 +125,7 @@ def test_cpu_placement_checks_system_memory(tiny_model: Any, fake_runtime: Engin
 def test_an_engine_started_through_a_wrapper_is_alive_while_it_execs() -> None:
     """``#!/usr/bin/env python3`` execs twice; between the halves /proc shows an empty environment.
     Watching from the first moment, the replica must never look dead (it would be restarted)."""
-    marker = launcher.marker_value("testnode", 999_999)
+    marker = launcher.marker_value(settings.NODE_NAME, 999_999)
     env = {**os.environ, launcher.MARKER: marker}
     for _ in range(6):
         process = subprocess.Popen(["/usr/bin/env", sys.executable, "-c", "import time; time.sleep(30)"], env=env,
@@ -143,7 +144,7 @@ def test_a_process_that_is_not_ours_is_not_alive() -> None:
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         started = time.monotonic()
-        assert not launcher.alive(process.pid, launcher.marker_value("testnode", 1))
+        assert not launcher.alive(process.pid, launcher.marker_value(settings.NODE_NAME, 1))
         assert time.monotonic() - started < 0.1
     finally:
         process.kill()

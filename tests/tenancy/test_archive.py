@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 from django.apps import apps
+from django.conf import settings
 from django.test import Client
 from django.urls import reverse
 
@@ -141,7 +142,7 @@ def test_past_bills_read_the_same_after_deleting_department_key_deployment_and_m
 
     # The served model name is free again; a new deployment of it changes nothing in March's bills.
     world["chat"] = new_chat = Deployment.objects.create(
-        name="chat", model=LocalModel.objects.create(repo_id="acme/chat", node="testnode", status="ready"),
+        name="chat", model=LocalModel.objects.create(repo_id="acme/chat", node=settings.NODE_NAME, status="ready"),
         runtime=chat.runtime, node=chat.node,
     )  # fmt: skip
     assert _bills(admin_client) == before
@@ -240,7 +241,7 @@ def test_deleting_what_runs_is_refused(world: dict, admin_client: Client) -> Non
     with pytest.raises(DeploymentBusy):
         chat.remove()
     Deployment.objects.filter(pk=chat.pk).update(desired=Deployment.Desired.STOPPED)
-    Replica.objects.create(deployment=chat, ordinal=0, node="testnode", state=Replica.State.STOPPING)
+    Replica.objects.create(deployment=chat, ordinal=0, node=settings.NODE_NAME, state=Replica.State.STOPPING)
     chat.refresh_from_db()
     with pytest.raises(DeploymentBusy):
         chat.remove()

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 import redis
+from django.conf import settings
 
 from tenancy import tasks, usage
 from tenancy.limiter import Limiter, Limits
@@ -115,12 +116,14 @@ def test_gpu_hours_accumulate_for_ready_replicas(redis_db: redis.Redis, deployme
     from tenancy.models import DeploymentHours
 
     deployment = deployment_factory(name="tiny")
-    deployment.runtime = EngineRuntime.objects.create(node="testnode", name="vllm", package="vllm", python_path="-")
+    deployment.runtime = EngineRuntime.objects.create(
+        node=settings.NODE_NAME, name="vllm", package="vllm", python_path="-"
+    )
     deployment.save()
     on_cpu = deployment_factory(name="cpu-only")  # the CPU build: time, but no GPU-hours
-    Replica.objects.create(deployment=deployment, ordinal=0, node="testnode", gpu_ids=[0, 1], state="ready")
-    Replica.objects.create(deployment=deployment, ordinal=1, node="testnode", gpu_ids=[2], state="starting")
-    Replica.objects.create(deployment=on_cpu, ordinal=0, node="testnode", state="ready")
+    Replica.objects.create(deployment=deployment, ordinal=0, node=settings.NODE_NAME, gpu_ids=[0, 1], state="ready")
+    Replica.objects.create(deployment=deployment, ordinal=1, node=settings.NODE_NAME, gpu_ids=[2], state="starting")
+    Replica.objects.create(deployment=on_cpu, ordinal=0, node=settings.NODE_NAME, state="ready")
     assert usage.account_gpu_hours(redis_db) == 0  # the first tick only starts the clock
     redis_db.set(usage.GPU_TICK, f"{time.time() - 30:.3f}")
     assert usage.account_gpu_hours(redis_db) == 2
