@@ -69,10 +69,13 @@ def deployments_of(department: Department) -> list[str]:
 
 
 def snippet(request_body: dict[str, Any], base_url: str) -> str:
-    """The same call from Python with the openai client (the key left for the reader)."""
+    """The same call with curl and from Python with the openai client (the key left for the reader)."""
     options = "".join(f", {name}={request_body[name]!r}" for name in ("temperature", "top_p", "max_tokens", "stop")
                       if name in request_body)  # fmt: skip
+    body = json.dumps({**request_body, "stream": True}, ensure_ascii=False).replace("'", "'\\''")
     return (
+        f"curl {base_url}/chat/completions -H 'Authorization: Bearer sk-apc-…' \\\n"
+        f"  -H 'Content-Type: application/json' -d '{body}'\n\n"
         "from openai import OpenAI\n"
         f'client = OpenAI(base_url="{base_url}", api_key="sk-apc-…")\n'
         f"stream = client.chat.completions.create(model={request_body['model']!r}, "

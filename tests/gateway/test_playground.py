@@ -115,7 +115,13 @@ def test_only_roles_that_may_spend_a_quota_and_only_on_their_departments(
     assert client.post(URL, b"not json", content_type="application/json").status_code == 400
 
 
-def test_the_snippet_is_the_same_call_in_python() -> None:
-    code = snippet({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}, "http://c/v1")
-    assert 'base_url="http://c/v1"' in code and "max_tokens=5" in code and "stream=True" in code
-    compile(code, "snippet", "exec")
+def test_the_snippet_is_the_same_call_with_curl_and_in_python() -> None:
+    import shlex
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "it's"}], "max_tokens": 5}
+    curl, python = snippet(body, "http://c/v1").split("\n\n", 1)
+    words = shlex.split(curl.replace("\\\n", " "))
+    assert words[:2] == ["curl", "http://c/v1/chat/completions"]
+    assert json.loads(words[words.index("-d") + 1]) == body | {"stream": True}  # quotes survive the shell
+    assert 'base_url="http://c/v1"' in python and "max_tokens=5" in python and "stream=True" in python
+    compile(python, "snippet", "exec")
