@@ -212,10 +212,16 @@ def restore(path: Path, replace: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         dump = Path(scratch) / "database.json"
         dump.write_bytes(members["database.json"])
-        with transaction.atomic():
-            if replace:
-                _erase()
-            call_command("loaddata", str(dump), verbosity=0)
+        try:
+            with transaction.atomic():
+                if replace:
+                    _erase()
+                call_command("loaddata", str(dump), verbosity=0)
+        except Exception as exc:  # rows this install cannot take: rolled back, said plainly
+            raise RestoreRefused(
+                f"The archive's rows could not be loaded here ({type(exc).__name__}: {str(exc)[:300]}); "
+                "nothing was changed."
+            ) from None
     if not from_env:
         _write_private(_secret_key_file(), key)
     node_env = Path(settings.VAR_DIR) / "node.env"

@@ -108,10 +108,12 @@ def scoped_rollups(user: Any, span: Range, departments: Iterable[int] | None = N
     none gets no department condition at all: the database then reads one (period, start) index
     range instead of probing the range once per department (three times faster over a month)."""
     rows = UsageRollup.objects.filter(period=span.period, start__gte=span.since, start__lt=span.until).order_by()
-    return _scoped(rows, user, departments)
+    return scoped_usage(rows, user, departments)
 
 
-def _scoped(rows: QuerySet[UsageRollup], user: Any, departments: Iterable[int] | None = None) -> QuerySet[UsageRollup]:
+def scoped_usage(
+    rows: QuerySet[UsageRollup], user: Any, departments: Iterable[int] | None = None
+) -> QuerySet[UsageRollup]:
     """``rows`` of the departments ``user`` may see (no condition for who sees them all), narrowed to
     ``departments`` when given."""
     visible = department_ids(user)
@@ -126,7 +128,7 @@ def tokens_by_model(user: Any, hours: int = 24) -> dict[str, int]:
     """Tokens (prompt and completion) per served model name over the last ``hours`` whole and current
     hours, of the departments ``user`` may see: the deployment list's traffic column."""
     since = timezone.now().replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
-    rows = _scoped(UsageRollup.objects.filter(period=UsageRollup.Period.HOUR, start__gte=since).order_by(), user)
+    rows = scoped_usage(UsageRollup.objects.filter(period=UsageRollup.Period.HOUR, start__gte=since).order_by(), user)
     summed = rows.values("model").annotate(tokens=Sum(F("prompt_tokens") + F("completion_tokens")))
     return {row["model"]: row["tokens"] or 0 for row in summed}
 
@@ -296,14 +298,14 @@ def report(rows: QuerySet[UsageRollup], group: str, span: Range, limit: int | No
                   _chart(rows, name, span, ranked, labels))  # fmt: skip
 
 
-def _cell(value: Any) -> Any:
+def csv_cell(value: Any) -> Any:
     """A spreadsheet would run a text cell starting with one of these as a formula."""
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return value
 
 
-class _Echo:
+class Echo:
     def write(self, value: str) -> str:
         return value
 
@@ -321,7 +323,7 @@ _CSV_FIELDS = ("period", "start", "department_id", "department__name", "api_key_
 def usage_csv(rows: QuerySet[UsageRollup], span: Range | None = None) -> Iterator[str]:
     """CSV lines: a header, then one line per roll-up row (oldest first). Given the ``span`` of the
     rows, they are read a day at a time, so the first lines go out without sorting the whole range."""
-    writer = csv.writer(_Echo())
+    writer = csv.writer(Echo())
     yield writer.writerow(USAGE_CSV_HEADER)
     ordered = rows.order_by("start", "department__name", "api_key_id", "model").values_list(*_CSV_FIELDS)
     parts: Iterable[QuerySet] = [ordered]
@@ -337,8 +339,8 @@ def usage_csv(rows: QuerySet[UsageRollup], span: Range | None = None) -> Iterato
                 key_labels.update((k.pk, str(k)) for k in ApiKey.objects.filter(pk__in=missing).only("name", "key_id"))
             for (period, start, department_id, department, key_id, model, requests, errors, prompt, completion,
                  latency, ttft, ttft_count) in batch:  # fmt: skip
-                yield writer.writerow([period, start.astimezone(UTC).isoformat(), department_id, _cell(department),
-                                       key_id, _cell(key_labels[key_id]), _cell(model), requests, errors, prompt,
+                yield writer.writerow([period, start.astimezone(UTC).isoformat(), department_id, csv_cell(department),
+                                       key_id, csv_cell(key_labels[key_id]), csv_cell(model), requests, errors, prompt,
                                        completion, prompt + completion, round(latency, 3), round(ttft, 3),
                                        ttft_count])  # fmt: skip
 
@@ -520,15 +522,15 @@ CHARGEBACK_CSV_HEADER = [
 
 def chargeback_csv(report: Chargeback) -> Iterator[str]:
     """CSV lines: a header, one line per department and model, then GPU time no department used."""
-    writer = csv.writer(_Echo())
+    writer = csv.writer(Echo())
     month = f"{report.month:%Y-%m}"
     yield writer.writerow(CHARGEBACK_CSV_HEADER)
     for charge in report.departments:
         for line in charge.lines:
-            row = [month, charge.department.pk, _cell(charge.department.name), _cell(line.model), line.prompt_tokens,
-                   line.completion_tokens, line.token_cost, line.gpu_hours, line.gpu_cost, line.total,
-                   settings.CURRENCY]  # fmt: skip
+            row = [month, charge.department.pk, csv_cell(charge.department.name), csv_cell(line.model),
+                   line.prompt_tokens, line.completion_tokens, line.token_cost, line.gpu_hours, line.gpu_cost,
+                   line.total, settings.CURRENCY]  # fmt: skip
             yield writer.writerow(row)
     for item in report.unallocated:
-        yield writer.writerow([month, "", "", _cell(item.model), 0, 0, "0.00", item.gpu_hours, item.gpu_cost,
+        yield writer.writerow([month, "", "", csv_cell(item.model), 0, 0, "0.00", item.gpu_hours, item.gpu_cost,
                                item.gpu_cost, settings.CURRENCY])  # fmt: skip

@@ -32,6 +32,7 @@ from appliance.roles import forbidden, requires
 from appliance.worker import redis_client
 from provisioning.models import Deployment
 from tenancy import reports
+from tenancy.costs import IDLE_DAYS, cost_csv, cost_view
 from tenancy.forms import DepartmentForm, KeyForm, MemberForm, ModelPriceForm, MonthForm, RotateForm, UsageFilterForm
 from tenancy.limiter import Limiter
 from tenancy.models import ApiKey, Department, Membership, ModelPrice, price_detail
@@ -397,6 +398,29 @@ def chargeback_csv(request: HttpRequest) -> HttpResponse:
         return _chargeback_page(request, form, bad_month_status=400)
     report = reports.chargeback(request.user, form.cleaned_data["month"])
     return _csv_response(request, reports.chargeback_csv(report), f"chargeback-{report.month:%Y-%m}.csv")
+
+
+@require_GET
+@requires("cost.view")
+def costs(request: HttpRequest) -> HttpResponse:
+    """The month's cost view: what each deployment's GPU time bought (tenancy.costs)."""
+    form = MonthForm(request.GET)
+    context: dict[str, Any] = {"form": form, "currency": settings.CURRENCY, "nav": "departments"}
+    if not form.is_valid():
+        return render(request, "tenancy/costs.html", context, status=400)
+    view = cost_view(request.user, form.cleaned_data["month"])
+    context.update(view=view, month=f"{view.month:%Y-%m}", idle_days=IDLE_DAYS)
+    return render(request, "tenancy/costs.html", context)
+
+
+@require_GET
+@requires("cost.view")
+def costs_csv(request: HttpRequest) -> HttpResponse:
+    form = MonthForm(request.GET)
+    if not form.is_valid():
+        return costs(request)
+    view = cost_view(request.user, form.cleaned_data["month"])
+    return _csv_response(request, cost_csv(view), f"costs-{view.month:%Y-%m}.csv")
 
 
 @require_POST

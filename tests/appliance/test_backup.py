@@ -141,6 +141,17 @@ def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any
 
         return change
 
+    foreign_rows = b'[{"model": "tenancy.department", "pk": 1, "fields": {"no_such_field": 1}}]'
+
+    def rows_changed(name: str, data: bytes) -> bytes:  # checksummed rows this schema cannot take
+        if name == "database.json":
+            return foreign_rows
+        if name == "manifest.json":
+            found = json.loads(data)
+            found["sha256"]["database.json"] = backup._sha256(foreign_rows)
+            return json.dumps(found).encode()
+        return data
+
     cases = {
         place / "missing.tar.gz": "No such archive",
         truncated: "is damaged or not a console backup",
@@ -150,6 +161,7 @@ def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any
         rewrite(archive, place / "newer.tar.gz", manifest(console_version="99.0.0")): "from a newer console",
         rewrite(archive, place / "unknown.tar.gz",
                 manifest(migrations=lambda m: {**m, "tenancy": "0999_future"})): "does not know the migrations tenancy.0999_future",  # noqa: E501
+        rewrite(archive, place / "rows.tar.gz", rows_changed): "rows could not be loaded here",
         rewrite(archive, place / "gone.tar.gz",
                 manifest(sha256=lambda s: {**s, "extra.json": "0" * 64})): "extra.json is missing",
     }  # fmt: skip
