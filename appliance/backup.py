@@ -97,7 +97,9 @@ def write(directory: Path | None = None) -> Written:
     directory = Path(directory or settings.BACKUP_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     dump = io.StringIO()
-    call_command("dumpdata", natural_foreign=True, natural_primary=True, exclude=NOT_DUMPED, stdout=dump, verbosity=0)
+    # Primary keys kept (ids are in URLs and the API); references to content types and permissions by
+    # natural key, since a fresh install numbers those itself.
+    call_command("dumpdata", natural_foreign=True, exclude=NOT_DUMPED, stdout=dump, verbosity=0)
     members = {
         "database.json": dump.getvalue().encode(),
         "secret_key": settings.SECRET_KEY.encode(),

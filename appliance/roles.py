@@ -85,8 +85,8 @@ PERMISSIONS: dict[str, Rule] = {
     "runtime.view": Rule(_READERS),
     "gpu.view": Rule(_READERS),
     "node.view": Rule(_READERS),
-    "backup.view": Rule(_READERS),
-    "cost.view": Rule(_READERS),  # what each deployment's GPU time bought (tenancy.costs)  # the last backup's outcome on the Overview
+    "backup.view": Rule(_READERS),  # the last backup's outcome on the Overview
+    "cost.view": Rule(_READERS),  # what each deployment's GPU time bought (tenancy.costs)
     "model.manage": Rule(_OPS, changes=True),
     "runtime.install": Rule(_OPS, changes=True),
     "deployment.manage": Rule(_OPS, changes=True),
