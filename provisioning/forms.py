@@ -12,7 +12,7 @@ from django.utils.translation import gettext_lazy as _
 
 from models_catalog.models import LocalModel
 from provisioning.engines import ArgumentRefused, engine_for
-from provisioning.models import Deployment, EngineRuntime
+from provisioning.models import Deployment, EngineRuntime, TargetAlert
 
 
 class RuntimeChoice(forms.ModelChoiceField):
@@ -181,7 +181,7 @@ class TargetsForm(forms.ModelForm):
 
     class Meta:
         model = Deployment
-        fields = ["target_ttft_p99_ms", "target_itl_p99_ms", "target_max_waiting", "target_kv_cache_percent"]
+        fields = list(TargetAlert.FIELDS.values())
         widgets = {name: forms.NumberInput(attrs={"min": 1}) for name in fields}
 
     def clean_target_kv_cache_percent(self) -> int | None:

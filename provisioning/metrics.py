@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from provisioning.models import Deployment, EngineSample, TargetAlert
-from provisioning.targets import TARGETS
+from provisioning.targets import limits
 
 # (exported name, help, sample field, scale to the unit the name says)
 ENGINE_GAUGES = [
@@ -55,11 +55,8 @@ class EngineCollector(Collector):
                                  labels=["deployment", "target"])  # fmt: skip
         open_alerts = set(TargetAlert.objects.filter(resolved_at__isnull=True).values_list("deployment_id", "target"))
         for deployment in Deployment.objects.all():
-            for key, (field, *_rest) in TARGETS.items():
-                limit = getattr(deployment, field)
-                if limit is None:
-                    continue
-                target.add_metric([deployment.name, key], float(limit))
+            for key, limit in limits(deployment).items():
+                target.add_metric([deployment.name, key], limit)
                 past.add_metric([deployment.name, key], 1.0 if (deployment.pk, key) in open_alerts else 0.0)
         yield target
         yield past

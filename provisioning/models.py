@@ -304,7 +304,7 @@ class TargetAlert(models.Model):
     GPU alerts are; one open alert per target. Sent to the same webhooks."""
 
     deployment = models.ForeignKey(Deployment, on_delete=models.CASCADE, related_name="target_alerts")
-    target = models.CharField(max_length=32)  # a Deployment.TARGETS key
+    target = models.CharField(max_length=32)  # a FIELDS key
     value = models.FloatField()  # the worst seen, in the target's unit
     limit = models.FloatField()
     opened_at = models.DateTimeField(default=timezone.now)

@@ -19,19 +19,20 @@ from django.utils import timezone
 from gpus.alerts import deliver
 from provisioning.models import Deployment, EngineSample, TargetAlert
 
-# target key: (Deployment field, how to reduce the window's samples, field of the samples, scale of the
-# samples to the target's unit, the unit)
-TARGETS: dict[str, tuple[str, str, str, float, str]] = {
-    "ttft_p99": ("target_ttft_p99_ms", "max", "ttft_p99", 1000.0, "ms"),
-    "itl_p99": ("target_itl_p99_ms", "max", "itl_p99", 1000.0, "ms"),
-    "waiting": ("target_max_waiting", "sum_latest", "waiting", 1.0, ""),
-    "kv_cache": ("target_kv_cache_percent", "max", "kv_cache", 100.0, "%"),
+# target key (its Deployment field: TargetAlert.FIELDS): (how to reduce the window's samples, field of
+# the samples, scale of the samples to the target's unit, the unit)
+TARGETS: dict[str, tuple[str, str, float, str]] = {
+    "ttft_p99": ("max", "ttft_p99", 1000.0, "ms"),
+    "itl_p99": ("max", "itl_p99", 1000.0, "ms"),
+    "waiting": ("sum_latest", "waiting", 1.0, ""),
+    "kv_cache": ("max", "kv_cache", 100.0, "%"),
 }
+assert set(TARGETS) == set(TargetAlert.FIELDS)
 
 
 def limits(deployment: Deployment) -> dict[str, float]:
     """The targets the deployment sets, by key."""
-    return {key: float(getattr(deployment, field)) for key, (field, *_rest) in TARGETS.items()
+    return {key: float(getattr(deployment, field)) for key, field in TargetAlert.FIELDS.items()
             if getattr(deployment, field) is not None}  # fmt: skip
 
 
@@ -40,7 +41,7 @@ def observed(deployment: Deployment, now: Any = None) -> dict[str, float]:
     since = (now or timezone.now()) - timedelta(seconds=settings.TARGET_WINDOW_SECONDS)
     rows = EngineSample.objects.filter(deployment=deployment, resolution="raw", time__gte=since)
     found: dict[str, float] = {}
-    for key, (_field, how, column, scale, _unit) in TARGETS.items():
+    for key, (how, column, scale, _unit) in TARGETS.items():
         if how == "max":
             value = rows.aggregate(worst=Max(column))["worst"]
         else:  # the latest sample of each replica, added up
@@ -54,7 +55,7 @@ def observed(deployment: Deployment, now: Any = None) -> dict[str, float]:
 
 
 def _payload(alert: TargetAlert, event: str) -> dict[str, Any]:
-    unit = TARGETS[alert.target][4]
+    unit = TARGETS[alert.target][3]
     return {
         "event": event, "kind": "deployment_target",
         "alert": {"id": alert.pk, "rule": f"target_{alert.target}", "severity": "warning",

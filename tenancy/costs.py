@@ -29,6 +29,11 @@ IDLE_DAYS = 7
 MILLION = Decimal(1_000_000)
 
 
+def per_million(cost: Decimal, tokens: int) -> Decimal | None:
+    """Cost of a million tokens at this cost for these tokens (None: no tokens, or nothing priced)."""
+    return reports.cents(cost * MILLION / tokens) if tokens and cost else None
+
+
 @dataclass
 class DeploymentCost:
     name: str
@@ -62,7 +67,7 @@ class DeploymentCost:
 
     @property
     def per_million(self) -> Decimal | None:
-        return reports.cents(self.cost * MILLION / self.tokens) if self.tokens and self.cost else None
+        return per_million(self.cost, self.tokens)
 
 
 @dataclass
@@ -73,7 +78,7 @@ class DepartmentCost:
 
     @property
     def per_million(self) -> Decimal | None:
-        return reports.cents(self.cost * MILLION / self.tokens) if self.tokens and self.cost else None
+        return per_million(self.cost, self.tokens)
 
 
 @dataclass
