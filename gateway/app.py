@@ -31,7 +31,7 @@ from django.conf import settings
 
 from gateway import accounting, admission, relay
 from gateway.admission import ENDPOINTS, Shaped
-from gateway.balancer import Balancer, QueueTimeout
+from gateway.balancer import Balancer, QueueTimeout, Ticket
 from gateway.directory import Directory, KeyInfo, ReplicaRoute, Route, priority_rank
 from gateway.errors import GatewayError
 from tenancy.limiter import AsyncLimiter, Decision
@@ -52,6 +52,7 @@ class Call:
     route: Route | None = None
     decision: Decision | None = None
     replica: ReplicaRoute | None = None
+    ticket: Ticket | None = None
     status: int = 0
     error: str = ""
     prompt_tokens: int = 0
@@ -81,7 +82,7 @@ class State:
         self.limiter = AsyncLimiter(self.redis)
         self.directory = Directory()
         shares = (1.0, settings.GATEWAY_NORMAL_SHARE_PERCENT / 100, settings.GATEWAY_LOW_SHARE_PERCENT / 100)
-        self.balancer = Balancer(settings.GATEWAY_REPLICA_CAPACITY, shares=shares,
+        self.balancer = Balancer(self.redis, settings.GATEWAY_REPLICA_CAPACITY, shares=shares,
                                  window=settings.GATEWAY_PRIORITY_WINDOW_SECONDS)  # fmt: skip
         self.spool = accounting.Spool()
         self.spool.adopt()
@@ -98,6 +99,7 @@ class State:
         self.retrying.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.retrying
+        await self.balancer.close()
         await self.session.close()
         await self.redis.aclose()
 
@@ -221,16 +223,20 @@ class GatewayApp:
         rank = priority_rank(key.priority)
         salt = cache_salt(key.department_id) if settings.GATEWAY_CACHE_SALT else None
         data = admission.encode(shaped, VLLM_PRIORITY[rank] if route.priority_scheduling else None, salt)
-        gate = state.balancer.gate(route.deployment_id, len(route.replicas))
+        prefix = shaped.prefix if len(shaped.prefix) >= settings.GATEWAY_AFFINITY_MIN_CHARS else ""
         try:
-            await gate.acquire(rank, settings.GATEWAY_QUEUE_SECONDS)
+            call.ticket = await state.balancer.admit(route.deployment_id, route.replicas, rank, prefix,
+                                                     settings.GATEWAY_QUEUE_SECONDS)  # fmt: skip
         except QueueTimeout:
             raise GatewayError(429, f"'{route.name}' is saturated; try again shortly.", "queue_timeout",
                                headers=[(b"retry-after", b"1")]) from None  # fmt: skip
+        except (redis.RedisError, OSError):
+            raise GatewayError(503, "Queue state is unavailable; the gateway refuses requests until it is back.",
+                               "quota_unavailable", headers=[(b"retry-after", b"1")]) from None  # fmt: skip
         try:
             await relay.forward_watching(state, call, data, receive, send)
         finally:
-            gate.release()
+            await state.balancer.release(call.ticket)
 
     def refuse(self, decision: Decision) -> None:
         if decision.limit == "redis_unavailable":

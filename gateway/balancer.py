@@ -1,136 +1,327 @@
-"""Choosing a replica and waiting for room on a saturated deployment.
+"""Room on a deployment and the choice of its replica, shared by every gateway process through Redis.
 
-- ``Gate``: at most ``capacity`` requests of a deployment in flight from this process, lower
-  priority classes held to a share of it while higher ones are active; the rest wait in a queue
-  ordered by priority class (high first, then arrival), each for at most the queue timeout, after
-  which the caller answers 429.
-- ``pick``: least outstanding requests, with prefix affinity: requests that share the start of
-  their prompt prefer the same replica (rendezvous hashing) so vLLM's prefix cache is reused,
-  unless that replica is busier than the least busy one by more than ``slack``.
+Several web workers, or several console instances behind a load balancer, admit exactly what one
+would: the requests in flight on a deployment and on each replica, the queue of waiting requests and
+when each priority class was last seen all live in Redis, changed by one script per step (admit,
+another replica after a failure, release), so no two processes can both take the last room.
+
+- **Room.** At most ``capacity`` requests of a deployment in flight (its ready replicas times
+  ``GATEWAY_REPLICA_CAPACITY``). While a higher class has sent a request in the last ``window``
+  seconds, a lower class may hold only its share of it (``GATEWAY_NORMAL_SHARE_PERCENT``,
+  ``GATEWAY_LOW_SHARE_PERCENT``); with no higher class around any class may use everything.
+- **Queue.** A request that finds no room waits in the deployment's queue, ordered by class (high
+  first) then arrival, for at most the queue timeout; then the caller answers 429. Whoever frees
+  room (a release, or a grant that left room) publishes the head waiter's token; the process that
+  owns it tries again at once. Every waiter also retries every ``poll`` seconds (a lost message, a
+  window that ran out) and renews its place; a waiter not renewed for ``wait_ttl`` (its process
+  died) leaves the queue.
+- **Leases.** Room held is a lease of ``lease`` seconds, renewed by the holding process while the
+  request runs: a process that dies gives its room back within that time.
+- **Replica.** Least requests in flight (counted in Redis over all processes), with prefix affinity:
+  requests that share the start of their prompt prefer the same replica (rendezvous hashing) so
+  vLLM's prefix cache is reused, unless it is busier than the least busy one by more than ``slack``.
+  A replica whose connection just failed is avoided by this process for a few seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import heapq
-import itertools
+import logging
+import secrets
 import time
-from collections import defaultdict
+from dataclasses import dataclass
+
+import redis.asyncio
 
 from gateway.directory import ReplicaRoute
+
+log = logging.getLogger(__name__)
+WAKE_CHANNEL = "gw:gate:wake"  # also named in the scripts
 
 
 class QueueTimeout(Exception):
     pass
 
 
-class Gate:
-    """Room for a deployment's requests, shared by priority class.
+# Shared by the scripts: now (ms, Redis clock) and the replica choice among KEYS[first..].
+_COMMON = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function pick(first, token, lease, preferred, slack)
+  local best, best_n, counts = 0, math.huge, {}
+  for i = first, #KEYS do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+    local n = redis.call('ZCARD', KEYS[i])
+    counts[i] = n
+    if n < best_n then best, best_n = i, n end
+  end
+  local chosen = best
+  if preferred > 0 and counts[first + preferred - 1] <= best_n + slack then chosen = first + preferred - 1 end
+  redis.call('ZADD', KEYS[chosen], now + lease, token)
+  redis.call('PEXPIRE', KEYS[chosen], lease * 2)
+  return chosen - first + 1
+end
+local function wake(held, wait, capacity)
+  if redis.call('ZCARD', held) < capacity then
+    local head = redis.call('ZRANGE', wait, 0, 0)
+    if head[1] then redis.call('PUBLISH', 'gw:gate:wake', head[1]) end
+  end
+end
+"""
 
-    High-priority requests may fill the whole capacity. While a higher class has sent requests in
-    the last ``window`` seconds, a lower class may hold only its share of it (``shares``), so a
-    burst from a low-priority department cannot fill the engines' batches and slow a high-priority
-    department's first tokens; with no higher class around, any class may use everything. Waiters
-    are served best class first, then in arrival order.
-    """
+# KEYS: held, wait, wait-expiry, seen, sequence, replica 1..n
+# ARGV: token, rank, capacity, limit while a higher class is active, window ms, lease ms, wait ttl ms,
+#       preferred replica (1-based, 0: none), slack
+# Returns the chosen replica (1-based) when admitted, 0 when the request waits (it is then queued).
+ADMIT = (
+    _COMMON
+    + """
+local token, rank = ARGV[1], tonumber(ARGV[2])
+local capacity, lower = tonumber(ARGV[3]), tonumber(ARGV[4])
+local window, lease, wttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('ZREM', KEYS[2], gone)
+  redis.call('ZREM', KEYS[3], gone)
+end
+redis.call('HSET', KEYS[4], rank, now)
+redis.call('PEXPIRE', KEYS[4], window + 60000)
+local limit = capacity
+for r = 0, rank - 1 do
+  local seen = redis.call('HGET', KEYS[4], r)
+  if seen and now - tonumber(seen) < window then
+    limit = lower
+    break
+  end
+end
+local score = redis.call('ZSCORE', KEYS[2], token)
+local ahead
+if score then
+  ahead = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. score)
+else
+  ahead = redis.call('ZCOUNT', KEYS[2], '-inf', '(' .. string.format('%d', (rank + 1) * 1e15))
+end
+if ahead == 0 and redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now + lease, token)
+  redis.call('PEXPIRE', KEYS[1], lease * 2)
+  if score then
+    redis.call('ZREM', KEYS[2], token)
+    redis.call('ZREM', KEYS[3], token)
+  end
+  wake(KEYS[1], KEYS[2], capacity)
+  return pick(6, token, lease, tonumber(ARGV[8]), tonumber(ARGV[9]))
+end
+if not score then
+  local n = redis.call('INCR', KEYS[5])
+  redis.call('PEXPIRE', KEYS[5], 86400000)
+  redis.call('ZADD', KEYS[2], string.format('%d', rank * 1e15 + n), token)
+end
+redis.call('ZADD', KEYS[3], now + wttl, token)
+redis.call('PEXPIRE', KEYS[2], wttl * 2)
+redis.call('PEXPIRE', KEYS[3], wttl * 2)
+return 0
+"""
+)
 
-    def __init__(self, capacity: int, shares: tuple[float, ...] = (1.0, 1.0, 1.0), window: float = 10.0) -> None:
-        self.capacity = max(1, capacity)
-        self.shares, self.window = shares, window
-        self.in_flight = 0
-        self.last_seen = [float("-inf")] * len(shares)
-        self._waiters: list[tuple[int, int, asyncio.Future]] = []
-        self._order = itertools.count()
+# KEYS: the replica tried, then the candidates. ARGV: token, lease ms, preferred (1-based or 0), slack.
+REPICK = (
+    _COMMON
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+return pick(2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+"""
+)
 
-    def limit(self, rank: int, now: float) -> int:
-        """How many requests may be in flight when one of class ``rank`` is admitted."""
-        if any(now - seen < self.window for seen in self.last_seen[:rank]):
-            return max(1, int(self.capacity * self.shares[rank]))
-        return self.capacity
+# KEYS: held, replica, wait, wait-expiry. ARGV: token, capacity. Also a request that gave up waiting.
+RELEASE = (
+    _COMMON
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+wake(KEYS[1], KEYS[3], tonumber(ARGV[2]))
+return 1
+"""
+)
 
-    def _ahead(self, rank: int) -> bool:
-        return any(r <= rank and not f.done() for r, _, f in self._waiters)
+# KEYS: held, replica. ARGV: token, lease ms. Only room still held is renewed.
+RENEW = (
+    _COMMON
+    + """
+local lease = tonumber(ARGV[2])
+for i = 1, 2 do
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + lease, ARGV[1]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], lease * 2)
+  end
+end
+return 1
+"""
+)
 
-    def _dispatch(self) -> None:
-        """Hand free room to waiters, best class first; a class held back by its share holds back the
-        classes below it too (their shares are no larger)."""
-        now = time.monotonic()
-        while self._waiters:
-            rank, _order, future = self._waiters[0]
-            if future.done():
-                heapq.heappop(self._waiters)
-                continue
-            if self.in_flight >= self.limit(rank, now):
-                return
-            heapq.heappop(self._waiters)
-            self.in_flight += 1
-            future.set_result(None)
 
-    async def acquire(self, rank: int, timeout: float) -> None:
-        now = time.monotonic()
-        self.last_seen[rank] = now
-        if self.in_flight < self.limit(rank, now) and not self._ahead(rank):
-            self.in_flight += 1
-            return
-        future = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (rank, next(self._order), future))
-        self._dispatch()
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            if future.done() and not future.cancelled():
-                return  # granted just as the wait ran out: keep the room
-            future.cancel()
-            raise QueueTimeout from None
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release()  # granted, but the caller went away: pass the room on
-            else:
-                future.cancel()
-            raise
+def _keys(deployment_id: int) -> list[str]:
+    tag = f"{{gate:{deployment_id}}}"  # one hash tag: a deployment's keys live on one Redis node
+    return [f"{tag}:held", f"{tag}:wait", f"{tag}:wexp", f"{tag}:seen", f"{tag}:seq"]
 
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._dispatch()
+
+def replica_key(deployment_id: int, replica_id: int) -> str:
+    return f"{{gate:{deployment_id}}}:rep:{replica_id}"
+
+
+@dataclass
+class Ticket:
+    """Room held for one request, and the replica it goes to."""
+
+    deployment_id: int
+    token: str
+    capacity: int
+    replica: ReplicaRoute
 
 
 class Balancer:
-    """Per-process view of the replicas: outstanding requests, and ones whose connection just failed."""
-
     def __init__(
-        self, capacity_per_replica: int, slack: int = 4, shares: tuple[float, ...] = (1.0, 1.0, 1.0),
-        window: float = 10.0,
+        self, client: redis.asyncio.Redis, capacity_per_replica: int, slack: int = 4,
+        shares: tuple[float, ...] = (1.0, 1.0, 1.0), window: float = 10.0, lease: float = 30.0,
+        poll: float = 0.5, wait_ttl: float = 3.0,
     ) -> None:  # fmt: skip
-        self.capacity_per_replica = capacity_per_replica
+        self.client = client
+        self.capacity_per_replica, self.slack = capacity_per_replica, slack
         self.shares, self.window = shares, window
-        self.slack = slack
-        self.outstanding: dict[int, int] = defaultdict(int)
+        self.lease, self.poll, self.wait_ttl = lease, poll, wait_ttl
         self.down_until: dict[int, float] = {}
-        self.gates: dict[int, Gate] = {}
+        self.held: dict[str, Ticket] = {}
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.admit_script = client.register_script(ADMIT)
+        self.repick_script = client.register_script(REPICK)
+        self.release_script = client.register_script(RELEASE)
+        self.renew_script = client.register_script(RENEW)
+        self.tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._renew())]
 
-    def gate(self, deployment_id: int, replicas: int) -> Gate:
-        gate = self.gates.get(deployment_id)
-        if gate is None:
-            gate = self.gates[deployment_id] = Gate(replicas * self.capacity_per_replica, self.shares, self.window)
-        gate.capacity = max(1, replicas * self.capacity_per_replica)
-        return gate
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
-    def pick(self, replicas: tuple[ReplicaRoute, ...], prefix: str, exclude: set[int]) -> ReplicaRoute | None:
+    # -- choosing ------------------------------------------------------------------------------
+    def usable(self, replicas: tuple[ReplicaRoute, ...], exclude: set[int]) -> list[ReplicaRoute]:
         now = time.monotonic()
         usable = [r for r in replicas if r.pk not in exclude and self.down_until.get(r.pk, 0) <= now]
-        if not usable:
-            usable = [r for r in replicas if r.pk not in exclude]  # all marked down: try anyway
-        if not usable:
-            return None
-        least = min(usable, key=lambda r: self.outstanding[r.pk])
-        if len(usable) == 1 or not prefix:
-            return least
+        return usable or [r for r in replicas if r.pk not in exclude]  # all marked down: try anyway
+
+    @staticmethod
+    def preferred(usable: list[ReplicaRoute], prefix: str) -> int:
+        """The replica (1-based) this prompt prefix prefers, 0 for none."""
+        if len(usable) < 2 or not prefix:
+            return 0
         digest = prefix.encode()
-        preferred = max(usable, key=lambda r: hashlib.blake2b(digest + r.pk.to_bytes(8, "big"), digest_size=8).digest())
-        if self.outstanding[preferred.pk] <= self.outstanding[least.pk] + self.slack:
-            return preferred
-        return least
+        scores = [hashlib.blake2b(digest + r.pk.to_bytes(8, "big"), digest_size=8).digest() for r in usable]
+        return scores.index(max(scores)) + 1
 
     def mark_down(self, replica_id: int, seconds: float = 5.0) -> None:
         self.down_until[replica_id] = time.monotonic() + seconds
+
+    def limit(self, capacity: int, rank: int) -> int:
+        """Room a class may hold while a higher class is active."""
+        return max(1, int(capacity * self.shares[rank]))
+
+    # -- room ----------------------------------------------------------------------------------
+    async def admit(
+        self, deployment_id: int, replicas: tuple[ReplicaRoute, ...], rank: int, prefix: str, timeout: float
+    ) -> Ticket:
+        """Room for one request and its replica, waiting in the queue for at most ``timeout``."""
+        capacity = max(1, len(replicas) * self.capacity_per_replica)
+        token = secrets.token_hex(12)
+        deadline = time.monotonic() + timeout
+        ms = lambda seconds: str(int(seconds * 1000))  # noqa: E731
+        try:
+            while True:
+                usable = self.usable(replicas, set())
+                woken = self.waiting[token] = asyncio.get_running_loop().create_future()
+                keys = [*_keys(deployment_id), *(replica_key(deployment_id, r.pk) for r in usable)]
+                args = [token, rank, capacity, self.limit(capacity, rank), ms(self.window), ms(self.lease),
+                        ms(self.wait_ttl), self.preferred(usable, prefix), self.slack]  # fmt: skip
+                chosen = await self.admit_script(keys=keys, args=args)
+                if chosen:
+                    ticket = Ticket(deployment_id, token, capacity, usable[int(chosen) - 1])
+                    self.held[token] = ticket
+                    return ticket
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise QueueTimeout
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken, min(self.poll, left))
+        except BaseException:
+            if token not in self.held:  # waiting, or the script's answer never came: leave the queue
+                await asyncio.shield(self._release(deployment_id, token, capacity, None))
+            raise
+        finally:
+            self.waiting.pop(token, None)
+
+    async def repick(self, ticket: Ticket, replicas: tuple[ReplicaRoute, ...], prefix: str,
+                     tried: set[int]) -> ReplicaRoute | None:  # fmt: skip
+        """Another replica for a request whose replica failed before answering (None: none left)."""
+        usable = self.usable(replicas, tried)
+        if not usable:
+            return None
+        keys = [replica_key(ticket.deployment_id, ticket.replica.pk),
+                *(replica_key(ticket.deployment_id, r.pk) for r in usable)]  # fmt: skip
+        chosen = await self.repick_script(keys=keys, args=[ticket.token, int(self.lease * 1000),
+                                                           self.preferred(usable, prefix), self.slack])  # fmt: skip
+        ticket.replica = usable[int(chosen) - 1]
+        return ticket.replica
+
+    async def release(self, ticket: Ticket) -> None:
+        self.held.pop(ticket.token, None)
+        await asyncio.shield(self._release(ticket.deployment_id, ticket.token, ticket.capacity, ticket.replica.pk))
+
+    async def _release(self, deployment_id: int, token: str, capacity: int, replica_id: int | None) -> None:
+        held, wait, wexp = _keys(deployment_id)[:3]
+        replica = replica_key(deployment_id, replica_id or 0)
+        try:
+            await self.release_script(keys=[held, replica, wait, wexp], args=[token, capacity])
+        except (redis.RedisError, OSError) as exc:  # the lease runs out instead
+            log.warning("could not give back room on deployment %s (%s)", deployment_id, exc)
+
+    async def in_flight(self, deployment_id: int, replica_id: int | None = None) -> int:
+        """Requests in flight on a deployment (or one of its replicas), over all processes."""
+        key = replica_key(deployment_id, replica_id) if replica_id else _keys(deployment_id)[0]
+        return await self.client.zcount(key, int(time.time() * 1000), "+inf")
+
+    # -- background ------------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        """Wake this process's waiter whose token another process (or this one) published."""
+        while True:
+            try:
+                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(WAKE_CHANNEL)
+                    async for message in pubsub.listen():
+                        future = self.waiting.get(message["data"].decode())
+                        if future is not None and not future.done():
+                            future.set_result(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis went away: waiters poll meanwhile
+                log.warning("gateway wake-ups lost (%s); retrying", exc)
+                await asyncio.sleep(1)
+
+    async def _renew(self) -> None:
+        """Keep the room of running requests (long streams) beyond the lease."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            tickets = list(self.held.values())
+            if not tickets:
+                continue
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.scripts.add(self.renew_script)  # loaded first if Redis lost it
+                    for ticket in tickets:
+                        keys = [_keys(ticket.deployment_id)[0], replica_key(ticket.deployment_id, ticket.replica.pk)]
+                        pipe.evalsha(self.renew_script.sha, 2, *keys, ticket.token, int(self.lease * 1000))
+                    await pipe.execute()
+            except (redis.RedisError, OSError) as exc:
+                log.warning("could not renew %d requests' room (%s)", len(tickets), exc)

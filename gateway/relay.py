@@ -20,6 +20,7 @@ from provisioning import relay as node_relay
 if TYPE_CHECKING:
     from gateway.admission import Shaped
     from gateway.app import Call, State
+    from gateway.directory import ReplicaRoute
 
 log = logging.getLogger(__name__)
 CLOSE_WAIT_SECONDS = 5.0  # how long an engine may take to close a stream after its [DONE]
@@ -73,17 +74,13 @@ async def forward_watching(state: State, call: Call, data: bytes, receive: Any, 
 
 
 async def forward(state: State, call: Call, data: bytes, send: Any) -> None:
-    shaped, route = call.shaped, call.route
-    assert shaped is not None and route is not None
+    shaped, route, ticket = call.shaped, call.route, call.ticket
+    assert shaped is not None and route is not None and ticket is not None
     tried: set[int] = set()
-    prefix = shaped.prefix if len(shaped.prefix) >= settings.GATEWAY_AFFINITY_MIN_CHARS else ""
-    while True:
-        replica = state.balancer.pick(route.replicas, prefix, tried)
-        if replica is None:
-            raise GatewayError(503, f"No replica of '{route.name}' answered.", "no_replica_ready")
+    replica: ReplicaRoute | None = ticket.replica
+    while replica is not None:
         tried.add(replica.pk)
         call.replica = replica
-        state.balancer.outstanding[replica.pk] += 1
         try:
             call.upstream_sent = time.perf_counter()
             call.overhead = call.upstream_sent - call.started
@@ -108,8 +105,9 @@ async def forward(state: State, call: Call, data: bytes, send: Any) -> None:
             log.warning("replica %s failed (%s); trying another", replica.pk, type(exc).__name__)
             state.balancer.mark_down(replica.pk)
             call.first_byte, call.chunks, call.prompt_tokens, call.completion_tokens = None, 0, 0, 0
-        finally:
-            state.balancer.outstanding[replica.pk] -= 1
+        prefix = shaped.prefix if len(shaped.prefix) >= settings.GATEWAY_AFFINITY_MIN_CHARS else ""
+        replica = await state.balancer.repick(ticket, route.replicas, prefix, tried)
+    raise GatewayError(503, f"No replica of '{route.name}' answered.", "no_replica_ready")
 
 
 def _count(value: Any) -> int:

@@ -4,6 +4,7 @@ disconnects, failover, priority and the queue."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -466,8 +467,6 @@ def test_saturated_deployment_queues_high_priority_first(
         for priority in ("high", "low"):  # keys and route loaded, connections open: what follows is the gate
             call(priority)
         finished.clear()
-        (state,) = app._states.values()
-        gate = state.balancer.gates[deployment.pk]
         threads = []
         for waiting, priority in enumerate(("low", "low", "low", "high")):  # one takes the only slot,
             threads.append(threading.Thread(target=call, args=(priority,)))  # two low wait, then a high
@@ -475,7 +474,7 @@ def test_saturated_deployment_queues_high_priority_first(
             if waiting == 0:
                 assert wait(lambda: slow.stats()["in_flight"] == 1)
             else:
-                assert wait(lambda n=waiting: len(gate._waiters) == n)
+                assert wait(lambda n=waiting: redis_db.zcard(f"{{gate:{deployment.pk}}}:wait") == n)
         for thread in threads:
             thread.join()
         assert finished[:2] == ["low", "high"], finished  # the high one overtook both waiting low ones
@@ -491,6 +490,41 @@ def test_saturated_deployment_queues_high_priority_first(
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_timeout"
     finally:
         server.stop()
+        slow.kill()
+
+
+def test_two_gateway_processes_admit_what_one_would(
+    deployment_factory: Any, settings: Any, redis_db: redis.Redis
+) -> None:
+    """Two gateways (two web workers, or two console instances) share one deployment's room: with
+    room for two, eight requests spread over both never have more than two at the engine, and none
+    is refused (the rest wait in the shared queue)."""
+    settings.GATEWAY_REPLICA_CAPACITY = 2
+    settings.GATEWAY_QUEUE_SECONDS = 30
+    slow = FakeEngineProcess(token_delay=0.03, tokens=10).start()
+    apps = [GatewayApp(), GatewayApp()]
+    servers = [ServerThread(app, app.close).start() for app in apps]
+    try:
+        deployment = deployment_factory(name="tiny")
+        add_replica(deployment, slow.port, slow.key)
+        department = Department.objects.create(name="Research")
+        department.deployments.add(deployment)
+        raw = ApiKey.issue(department, "bot")[1]
+
+        def call(server: ServerThread) -> int:
+            response = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO},
+                                  headers={"Authorization": f"Bearer {raw}"}, timeout=60)  # fmt: skip
+            return response.status_code
+
+        assert [call(server) for server in servers] == [200, 200]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(call, [servers[i % 2] for i in range(8)]))
+        assert codes == [200] * 8
+        assert slow.stats()["max_in_flight"] == 2
+        assert redis_db.zcard(f"{{gate:{deployment.pk}}}:held") == 0  # all room given back
+    finally:
+        for server in servers:
+            server.stop()
         slow.kill()
 
 
