@@ -4,9 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint messages setup clean-venv browser node
+.PHONY: run test lint messages setup clean-venv browser directory node
 
+# python-ldap (directory sign-in) is built from source against OpenLDAP's client library.
+LDAP_HEADERS := /usr/include/ldap.h /usr/include/sasl/sasl.h
 $(STAMP): requirements.txt
+	@for header in $(LDAP_HEADERS); do test -e $$header || { apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y libldap2-dev libsasl2-dev; break; }; done
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
@@ -45,7 +49,12 @@ node: setup
 	set -a; . var/node.env; set +a; $(PY) manage.py migrate --check >/dev/null && \
 		exec $(VENV)/bin/honcho -f Procfile.node start
 
-test: lint browser
+# The directory sign-in tests start their own OpenLDAP server (Debian's slapd).
+directory:
+	@test -x /usr/sbin/slapd -a -x /usr/bin/ldapadd || (apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y slapd ldap-utils)
+
+test: lint browser directory
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Regenerate the translation catalogs after changing strings (then translate and commit them).

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404
@@ -20,7 +21,7 @@ from ninja.responses import Status
 from ninja.security import HttpBearer, django_auth
 from pydantic import AfterValidator
 
-from appliance import audit, health
+from appliance import audit, directory, health
 from appliance.forms import TokenCreateForm, UserCreateForm
 from appliance.models import ApiToken, AuditEvent, Profile
 from appliance.roles import Role, can, role_of
@@ -227,6 +228,37 @@ def set_user_active(request: HttpRequest, user_id: int, payload: ActiveIn) -> An
         user.save(update_fields=["is_active"])
         audit.record(request, "user.activate" if user.is_active else "user.deactivate", user, detail={"via": "api"})
     return user
+
+
+class DirectoryOut(Schema):
+    enabled: bool
+    settings: dict[str, str] = Field(..., description="LDAP_* settings as configured; secrets masked.")
+    role_groups: list[tuple[str, str]]
+    department_groups: list[tuple[str, str]]
+
+
+class DirectoryTestOut(Schema):
+    ok: bool
+    message: str
+    users: int
+    groups: int
+    seconds: float = 0.0
+
+
+@system.get("/directory", response=DirectoryOut, summary="Directory sign-in settings (appliance admin)")
+def directory_settings(request: HttpRequest) -> Any:
+    require(request, "directory.view")
+    return {"enabled": directory.enabled(), "settings": dict(directory.shown_settings()),
+            "role_groups": settings.LDAP_ROLE_GROUPS, "department_groups": settings.LDAP_DEPARTMENT_GROUPS}  # fmt: skip
+
+
+@system.post("/directory/test", response=DirectoryTestOut,
+             summary="Bind with the service account and search users and groups (appliance admin)")  # fmt: skip
+def directory_test(request: HttpRequest) -> Any:
+    require(request, "directory.view")
+    result = directory.test_connection()
+    audit.record(request, "directory.test", outcome="ok" if result["ok"] else "failed", detail={**result, "via": "api"})
+    return result
 
 
 class TokenOut(Schema):

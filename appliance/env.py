@@ -77,6 +77,22 @@ def env_list(name: str, default: list[str]) -> list[str]:
     return items
 
 
+def env_mapping(name: str) -> list[tuple[str, str]]:
+    """``KEY => VALUE; KEY => VALUE`` pairs (keys may hold commas and '=', as LDAP DNs do); order kept."""
+    value = _raw(name)
+    if not value:
+        return []
+    pairs = []
+    for item in value.split(";"):
+        if not item.strip():
+            continue
+        key, arrow, target = item.partition("=>")
+        if not arrow or not key.strip() or not target.strip():
+            raise _bad(name, value, "entries 'KEY => VALUE' separated by ';'")
+        pairs.append((key.strip(), target.strip()))
+    return pairs
+
+
 def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = env_str(name, default)
     if value not in choices:

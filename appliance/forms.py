@@ -7,6 +7,7 @@ from typing import Any
 
 from django import forms
 from django.contrib.auth import get_user_model
+from django.contrib.auth.forms import AuthenticationForm
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -83,3 +84,18 @@ class AuditFilterForm(forms.Form):
         if data.get("until"):
             events = events.filter(created_at__date__lte=data["until"])
         return events
+
+
+class LoginForm(AuthenticationForm):
+    """Django's sign-in form, saying so when the directory (not the password) was the problem."""
+
+    def clean(self) -> dict[str, Any]:
+        from appliance.directory import DIRECTORY_ERROR
+
+        try:
+            return super().clean()
+        except forms.ValidationError:
+            message = getattr(self.request, DIRECTORY_ERROR, None)
+            if message:
+                raise forms.ValidationError(message, code="directory") from None
+            raise

@@ -25,6 +25,13 @@ class Profile(models.Model):
     # page leads to the password change page until it is changed (appliance/middleware.py).
     must_change_password = models.BooleanField(default=False)
 
+    class Source(models.TextChoices):
+        LOCAL = "local", _("Local account")
+        LDAP = "ldap", _("Directory (LDAP)")
+
+    # A directory user's role and memberships are the directory's: set again at every sign-in.
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.LOCAL)
+
     def __str__(self) -> str:
         return f"{self.user} ({self.get_role_display()})"
 

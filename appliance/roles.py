@@ -68,6 +68,7 @@ PERMISSIONS: dict[str, Rule] = {
     # Appliance admins only, reading included.
     "user.view": Rule(_ADMIN),
     "user.manage": Rule(_ADMIN, changes=True),
+    "directory.view": Rule(_ADMIN),  # directory sign-in settings and their connection test
     "api_token.view": Rule(_ADMIN),
     "api_token.manage": Rule(_ADMIN, changes=True),
     "engine_log.view": Rule(_ADMIN),

@@ -16,6 +16,7 @@ from appliance.env import (
     env_currency,
     env_int,
     env_list,
+    env_mapping,
     env_node_name,
     env_path,
     env_str,
@@ -137,8 +138,38 @@ CACHES = {
 
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
-    "django.contrib.auth.backends.ModelBackend",
+    "appliance.directory.DirectoryBackend",  # only when LDAP_SERVER_URI is set
+    "django.contrib.auth.backends.ModelBackend",  # local accounts (the break-glass admin) always work
 ]
+
+# Directory sign-in (LDAP / Active Directory), off while LDAP_SERVER_URI is empty. Groups map to a
+# role and to department memberships at every sign-in (README, "Directory sign-in").
+LDAP_SERVER_URI = env_str("LDAP_SERVER_URI", "")
+if LDAP_SERVER_URI and not LDAP_SERVER_URI.startswith(("ldap://", "ldaps://")):
+    raise ImproperlyConfigured(
+        f"Setting LDAP_SERVER_URI={LDAP_SERVER_URI!r} is malformed: expected ldap:// or ldaps://."
+    )
+LDAP_START_TLS = env_bool("LDAP_START_TLS", False)
+LDAP_CA_FILE = env_str("LDAP_CA_FILE", "")  # CA certificates to trust for StartTLS / ldaps
+LDAP_BIND_DN = env_str("LDAP_BIND_DN", "")
+LDAP_BIND_PASSWORD = env_str("LDAP_BIND_PASSWORD", "")
+LDAP_USER_BASE = env_str("LDAP_USER_BASE", "")
+LDAP_USER_FILTER = env_str("LDAP_USER_FILTER", "(uid=%(user)s)")
+LDAP_GROUP_BASE = env_str("LDAP_GROUP_BASE", "")
+LDAP_GROUP_TYPE = env_choice(
+    "LDAP_GROUP_TYPE", "groupOfNames", ("groupOfNames", "groupOfUniqueNames", "posixGroup", "activeDirectory")
+)
+LDAP_ROLE_GROUPS = env_mapping("LDAP_ROLE_GROUPS")  # group DN => role
+LDAP_DEPARTMENT_GROUPS = env_mapping("LDAP_DEPARTMENT_GROUPS")  # group DN => Department:admin|viewer
+for _dn, _role in LDAP_ROLE_GROUPS:
+    if _role not in ("appliance_admin", "operator", "viewer", "department_admin", "department_viewer"):
+        raise ImproperlyConfigured(f"LDAP_ROLE_GROUPS maps {_dn!r} to {_role!r}: expected appliance_admin, operator, "
+                                   "viewer, department_admin or department_viewer.")  # fmt: skip
+for _dn, _target in LDAP_DEPARTMENT_GROUPS:
+    if _target.rpartition(":")[2] not in ("admin", "viewer") or not _target.rpartition(":")[0].strip():
+        raise ImproperlyConfigured(f"LDAP_DEPARTMENT_GROUPS maps {_dn!r} to {_target!r}: expected "
+                                   "'Department name:admin' or 'Department name:viewer'.")  # fmt: skip
+LDAP_TIMEOUT_SECONDS = env_int("LDAP_TIMEOUT_SECONDS", 5, minimum=1, maximum=120)
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

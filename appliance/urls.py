@@ -5,13 +5,16 @@ from django.urls import include, path, re_path
 
 from appliance import views
 from appliance.api import api
+from appliance.forms import LoginForm
 from appliance.passwords import PasswordChangeView
 from models_catalog import mirror
+
+LOGIN = auth_views.LoginView.as_view(redirect_authenticated_user=True, authentication_form=LoginForm)
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("metrics", views.metrics, name="metrics"),
-    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("login/", LOGIN, name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("settings/password/", PasswordChangeView.as_view(), name="password-change"),
     path("i18n/", include("django.conf.urls.i18n")),
@@ -19,6 +22,8 @@ urlpatterns = [
     re_path(r"^hf/(?P<rest>.*)$", mirror.hub, name="hf-mirror"),
     path("audit/", views.audit_log, name="audit"),
     path("settings/users/", views.user_list, name="users"),
+    path("settings/directory/", views.directory_settings, name="directory"),
+    path("settings/directory/test", views.directory_test, name="directory-test"),
     path("settings/users/new", views.user_create, name="user-create"),
     path("settings/users/<int:user_id>/role", views.user_set_role, name="user-set-role"),
     path("settings/users/<int:user_id>/active", views.user_toggle_active, name="user-toggle-active"),

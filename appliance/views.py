@@ -18,7 +18,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from appliance import audit, health
+from appliance import audit, directory, health
 from appliance.forms import AuditFilterForm, RoleForm, TokenCreateForm, UserCreateForm
 from appliance.models import ApiToken, AuditEvent, Profile
 from appliance.roles import Role, requires, role_of
@@ -46,6 +46,27 @@ def audit_log(request: HttpRequest) -> HttpResponse:
         "appliance/audit.html",
         {"form": form, "page": page, "query": query.urlencode(), "nav": "audit"},
     )
+
+
+@require_GET
+@requires("directory.view")
+def directory_settings(request: HttpRequest) -> HttpResponse:
+    """Directory sign-in as configured (read-only, secrets masked), with its group mappings."""
+    return render(request, "appliance/directory.html", _directory_context(), status=200)
+
+
+def _directory_context(result: dict | None = None) -> dict:
+    return {"enabled": directory.enabled(), "shown": directory.shown_settings(),
+            "role_groups": settings.LDAP_ROLE_GROUPS, "department_groups": settings.LDAP_DEPARTMENT_GROUPS,
+            "result": result, "nav": "settings"}  # fmt: skip
+
+
+@require_POST
+@requires("directory.view")
+def directory_test(request: HttpRequest) -> HttpResponse:
+    result = directory.test_connection()
+    audit.record(request, "directory.test", outcome="ok" if result["ok"] else "failed", detail=result)
+    return render(request, "appliance/directory.html", _directory_context(result))
 
 
 @require_GET

@@ -7,6 +7,7 @@ class TenancyConfig(AppConfig):
     name = "tenancy"
 
     def ready(self) -> None:
+        from appliance.directory import register_membership_sync
         from appliance.roles import register_department_events, register_department_lookup
 
         def member_departments(user: object) -> dict[int, str]:
@@ -27,5 +28,30 @@ class TenancyConfig(AppConfig):
                 target_type="tenancy.apikey", target_id__in=key_ids.values("text_id")
             )
 
+        def sync_memberships(user: Any, wanted: Any) -> dict[str, list[str]]:
+            """A directory user's memberships made exactly ``wanted`` ({department name: admin|viewer})."""
+            from tenancy.models import Department, Membership
+
+            roles = {"admin": Membership.Role.ADMIN, "viewer": Membership.Role.VIEWER}
+            departments = {d.name: d for d in Department.objects.active().filter(name__in=list(wanted))}
+            changes: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "unknown": []}
+            changes["unknown"] = sorted(set(wanted) - set(departments))
+            current = {m.department_id: m for m in Membership.objects.filter(user=user).select_related("department")}
+            for name, department in departments.items():
+                role = roles[wanted[name]]
+                membership = current.pop(department.pk, None)
+                if membership is None:
+                    Membership.objects.create(user=user, department=department, role=role)
+                    changes["added"].append(name)
+                elif membership.role != role:
+                    membership.role = role
+                    membership.save(update_fields=["role"])
+                    changes["changed"].append(name)
+            for membership in current.values():
+                changes["removed"].append(membership.department.name)
+                membership.delete()
+            return changes
+
         register_department_lookup(member_departments)
         register_department_events(department_events)
+        register_membership_sync(sync_memberships)

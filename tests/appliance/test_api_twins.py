@@ -24,6 +24,7 @@ SOURCE = {"name": "s", "url": "https://s.example.com"}
 # the API twin as /api/v1/openapi.json writes it, a request body the API takes as well-formed).
 TWINS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     # Users and API tokens
+    "directory-test": ("POST", "/api/v1/directory/test", None),
     "user-create": ("POST", "/api/v1/users", {"username": "newbie", "role": "viewer"}),
     "user-set-role": ("POST", "/api/v1/users/{user_id}/role", {"role": "viewer"}),
     "user-toggle-active": ("POST", "/api/v1/users/{user_id}/active", {"active": False}),

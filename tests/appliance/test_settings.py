@@ -39,6 +39,11 @@ def run_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
         ("SECRET_KEY", "short"),
         ("CURRENCY", "dollars"),
         ("CURRENCY", "usd"),
+        ("LDAP_SERVER_URI", "http://directory.example"),
+        ("LDAP_GROUP_TYPE", "ldapGroup"),
+        ("LDAP_ROLE_GROUPS", "cn=ml-admins,dc=example,dc=org => root"),
+        ("LDAP_ROLE_GROUPS", "cn=ml-admins,dc=example,dc=org"),
+        ("LDAP_DEPARTMENT_GROUPS", "cn=finance,dc=example,dc=org => Finance:owner"),
     ],
 )
 def test_malformed_setting_stops_start_up_naming_it(tmp_path: Path, name: str, value: str) -> None:
