@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ldap
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.dispatch import receiver
@@ -183,6 +184,14 @@ class DirectoryBackend(LDAPBackend):
         record(request, "auth.directory_login", user, actor=user,
                detail={"groups": mapping.groups, "role": mapping.role.value if mapping.role else ""})  # fmt: skip
         return user
+
+    # The console is served by ASGI: Django looks up a signed-in user's backend asynchronously, and
+    # django-auth-ldap's backend (not a BaseBackend) has only the synchronous methods.
+    async def aget_user(self, user_id: int) -> Any:
+        return await sync_to_async(self.get_user)(user_id)
+
+    async def aauthenticate(self, request: HttpRequest | None, **credentials: Any) -> Any:
+        return await sync_to_async(self.authenticate)(request, **credentials)
 
     def get_or_build_user(self, username: str, ldap_user: Any) -> tuple[Any, bool]:
         user, built = super().get_or_build_user(username, ldap_user)

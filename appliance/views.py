@@ -52,13 +52,10 @@ def audit_log(request: HttpRequest) -> HttpResponse:
 @requires("directory.view")
 def directory_settings(request: HttpRequest) -> HttpResponse:
     """Directory sign-in as configured (read-only, secrets masked), with its group mappings."""
-    return render(request, "appliance/directory.html", _directory_context(), status=200)
-
-
-def _directory_context(result: dict | None = None) -> dict:
-    return {"enabled": directory.enabled(), "shown": directory.shown_settings(),
-            "role_groups": settings.LDAP_ROLE_GROUPS, "department_groups": settings.LDAP_DEPARTMENT_GROUPS,
-            "result": result, "nav": "settings"}  # fmt: skip
+    context = {"enabled": directory.enabled(), "shown": directory.shown_settings(),
+               "role_groups": settings.LDAP_ROLE_GROUPS, "department_groups": settings.LDAP_DEPARTMENT_GROUPS,
+               "nav": "settings"}  # fmt: skip
+    return render(request, "appliance/directory.html", context)
 
 
 @require_POST
@@ -66,7 +63,9 @@ def _directory_context(result: dict | None = None) -> dict:
 def directory_test(request: HttpRequest) -> HttpResponse:
     result = directory.test_connection()
     audit.record(request, "directory.test", outcome="ok" if result["ok"] else "failed", detail=result)
-    return render(request, "appliance/directory.html", _directory_context(result))
+    say = messages.success if result["ok"] else messages.error
+    say(request, f"{result['message']} ({result.get('seconds', 0)} s)")
+    return redirect("directory")
 
 
 @require_GET

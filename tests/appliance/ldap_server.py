@@ -143,7 +143,8 @@ class Slapd:
         if not shutil.which("slapd", path="/usr/sbin:/usr/bin"):
             raise RuntimeError("slapd is missing: `make directory` installs it")
         root = self.root
-        (root / "data").mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)  # a directory of its own, fresh (an earlier run's is gone)
+        (root / "data").mkdir(parents=True)
         (root / "slapd.d").mkdir(exist_ok=True)
         _certificates(root)
         includes = "\n".join(f"include: file:///etc/ldap/schema/{name}.ldif" for name in SCHEMAS)
@@ -151,8 +152,10 @@ class Slapd:
                                                         admin_password=ADMIN_PASSWORD))  # fmt: skip
         (root / "data.ldif").write_text(DATA)
         for number, source in ((0, "config.ldif"), (1, "data.ldif")):
-            subprocess.run(["/usr/sbin/slapadd", "-n", str(number), "-F", str(root / "slapd.d"), "-l",
-                            str(root / source)], check=True, capture_output=True)  # fmt: skip
+            done = subprocess.run(["/usr/sbin/slapadd", "-n", str(number), "-F", str(root / "slapd.d"), "-l",
+                                   str(root / source)], capture_output=True, text=True)  # fmt: skip
+            if done.returncode:
+                raise RuntimeError(f"slapadd {source} failed: {done.stderr[-2000:]}")
         self.run()
         return self
 

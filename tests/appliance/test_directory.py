@@ -151,7 +151,7 @@ def test_settings_page_masks_the_secret_and_tests_the_connection(admin_client: A
     page = admin_client.get(reverse("directory")).content.decode()
     assert directory.uri in page and SERVICE_DN in page and SERVICE_PASSWORD not in page and "••••" in page
     assert f"cn=finance,{GROUPS}" in page and "Finance:viewer" in page
-    result = admin_client.post(reverse("directory-test")).content.decode()
+    result = admin_client.post(reverse("directory-test"), follow=True).content.decode()
     assert "4 users and 4 groups found" in result
     api = admin_client.post("/api/v1/directory/test").json()
     assert api["ok"] and api["users"] == 4 and api["groups"] == 4

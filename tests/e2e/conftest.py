@@ -22,6 +22,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.db import connections
 
+from tests.appliance.ldap_server import GROUPS, PEOPLE, SERVICE_DN, SERVICE_PASSWORD, Slapd
 from tests.e2e.hub import LocalHub
 from tests.e2e.stack import NODE, Beat, Console, stack_env
 from tests.engine.conftest import engine_python, tiny_model_dir  # noqa: F401 - fixtures shared with the engine test
@@ -131,6 +132,12 @@ def stack(e2e_db: None, tiny_model_dir: Path) -> Iterator[Stack]:  # noqa: F811
     username, password = _first_admin()
 
     env = stack_env(data_dir)
+    # A directory for sign-in (the console's settings come from its environment, as on a box).
+    directory = Slapd(data_dir.parent / "e2e-slapd").start()
+    env.update(LDAP_SERVER_URI=directory.uri, LDAP_START_TLS="on", LDAP_CA_FILE=directory.ca_file,
+               LDAP_BIND_DN=SERVICE_DN, LDAP_BIND_PASSWORD=SERVICE_PASSWORD, LDAP_USER_BASE=PEOPLE,
+               LDAP_GROUP_BASE=GROUPS, LDAP_ROLE_GROUPS=f"cn=ml-admins,{GROUPS} => appliance_admin",
+               LDAP_DEPARTMENT_GROUPS=f"cn=finance,{GROUPS} => Finance:viewer")  # fmt: skip
     hub = LocalHub(tiny_model_dir, REPO_ID).start()
     console = Console(env).start()
     worker = WorkerProcess(f"worker@{NODE}", concurrency=3, **env).start()
@@ -150,6 +157,7 @@ def stack(e2e_db: None, tiny_model_dir: Path) -> Iterator[Stack]:  # noqa: F811
             worker.stop()
             console.stop()
             hub.stop()
+            directory.stop()
             client.flushdb()
             claim(client)
 

@@ -28,6 +28,7 @@ from appliance.models import AuditEvent
 from models_catalog.models import LocalModel
 from provisioning.models import Deployment, Replica
 from tenancy.models import ApiKey, Department
+from tests.appliance.ldap_server import SERVICE_PASSWORD
 from tests.e2e.conftest import REPO_ID, Stack, change_first_password, login, shot
 from tests.e2e.stack import NODE
 from tests.workers import wait_for
@@ -523,6 +524,32 @@ def test_the_nodes_page_shows_this_box_and_how_another_joins(page: Any, stack: S
         expect(page.locator("h1")).to_have_text("节点")
         expect(row.locator("[data-state]")).to_have_text("就绪")
         shot(page, "usability-nodes-zh")
+
+
+def test_a_directory_admin_signs_in_and_tests_the_directory(page: Any, stack: Stack) -> None:
+    """Alice is in the directory's ml-admins group (LDAP over StartTLS): she signs in with her
+    directory password, is an appliance admin, and tests the connection on the Settings page."""
+    page.goto(stack.url("/login/"))
+    page.get_by_label("User name").fill("nobody")  # in no mapped group
+    page.get_by_label("Password").fill("nobody-pw")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("main")).to_contain_text("in no group that this console maps to a role")
+    page.get_by_label("User name").fill("alice")
+    page.get_by_label("Password").fill("alice-pw")
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(lambda url: "/login/" not in url)
+    expect(page.locator(".user-menu summary")).to_contain_text("alice · Appliance admin")
+    page.goto(stack.url("/settings/directory/"))
+    expect(page.locator("main")).to_contain_text("cn=console,ou=services")
+    expect(page.locator("main")).not_to_contain_text(SERVICE_PASSWORD)
+    page.get_by_role("button", name="Test connection").click()
+    expect(page.locator(".messages")).to_contain_text("4 users and 4 groups found")
+    shot(page, "usability-directory")
+    with in_chinese(page):
+        expect(page.locator("h1")).to_have_text("目录登录")
+        page.get_by_role("button", name="测试连接").click()
+        expect(page.locator(".messages")).to_contain_text("找到 4 个用户和 4 个组")
+        shot(page, "usability-directory-zh")
 
 
 def test_the_deployment_page_draws_what_its_engine_reports(page: Any, stack: Stack) -> None:
