@@ -2,9 +2,11 @@
 
 An archive (``console-backup-<UTC time>.tar.gz``, mode 0600: it holds the secret key) contains:
 
-- ``database.json``: every row the console keeps (Django's serialised dump, the same on SQLite and
-  PostgreSQL, so a box may also move from one to the other), model manifests with their files' hashes
-  included; not Django's own content types, permissions and sessions, which a fresh install makes;
+- ``database.jsonl``: every row the console keeps, one per line (Django's serialised dump, the same
+  on SQLite and PostgreSQL, so a box may also move from one to the other), model manifests with
+  their files' hashes included; not Django's own content types, permissions and sessions, which a
+  fresh install makes. Written streaming and loaded in batches (``bench/ops.py``: a million usage
+  records). Archives of format 1 (``database.json``, one JSON list) still restore;
 - ``secret_key``: the key sealed secrets (hub tokens) and sessions depend on;
 - ``node.env``: the cluster settings a joined box was given, when there are some;
 - ``models.json``: each model's files with their SHA-256, to check weights copied back by hand (the
@@ -37,12 +39,16 @@ from django.core.management.color import no_style
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.migrations.loader import MigrationLoader
 
-FORMAT = 1
+FORMAT = 2  # 2: database.jsonl; 1: database.json (still restored)
+FORMATS = (1, 2)
+LOAD_BATCH = 2000  # rows of one model per INSERT batch on restore
+COMPRESS_LEVEL = 3  # gzip: most of level 9's saving at a fraction of its time on a large dump
 PREFIX = "console-backup-"
 SUFFIX = ".tar.gz"
 # Made by `migrate` on a fresh install; dumping them would clash with the fresh install's own rows.
 NOT_DUMPED = ["contenttypes", "auth.permission", "sessions", "axes"]
-MEMBERS = ("database.json", "secret_key", "models.json")
+MEMBERS = ("secret_key", "models.json")  # and the rows: database.jsonl (format 2) or database.json (1)
+DUMPS = ("database.jsonl", "database.json")
 
 
 class RestoreRefused(Exception):
@@ -96,12 +102,15 @@ def write(directory: Path | None = None) -> Written:
     """Write one archive into ``directory`` (``BACKUP_DIR``) and return where, its size and SHA-256."""
     directory = Path(directory or settings.BACKUP_DIR)
     directory.mkdir(parents=True, exist_ok=True)
-    dump = io.StringIO()
-    # Primary keys kept (ids are in URLs and the API); references to content types and permissions by
-    # natural key, since a fresh install numbers those itself.
-    call_command("dumpdata", natural_foreign=True, exclude=NOT_DUMPED, stdout=dump, verbosity=0)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        dump = Path(scratch) / "database.jsonl"
+        # Primary keys kept (ids are in URLs and the API); references to content types and permissions
+        # by natural key, since a fresh install numbers those itself. Streamed row by row to the file.
+        call_command("dumpdata", format="jsonl", natural_foreign=True, exclude=NOT_DUMPED, output=str(dump),
+                     verbosity=0)  # fmt: skip
+        rows = dump.read_bytes()
     members = {
-        "database.json": dump.getvalue().encode(),
+        "database.jsonl": rows,
         "secret_key": settings.SECRET_KEY.encode(),
         "models.json": json.dumps(_models_manifest(), indent=1).encode(),
     }
@@ -118,7 +127,7 @@ def write(directory: Path | None = None) -> Written:
     final = directory / f"{PREFIX}{now.strftime('%Y%m%dT%H%M%S%fZ')}{SUFFIX}"
     fd, scratch = tempfile.mkstemp(dir=directory, prefix=".partial-", suffix=SUFFIX)  # 0600
     try:
-        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w:gz") as tar:
+        with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w:gz", compresslevel=COMPRESS_LEVEL) as tar:
             for name, data in members.items():
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), int(now.timestamp()), 0o600
@@ -149,7 +158,7 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
     try:
         manifest = json.loads(found["manifest.json"])
         sums = manifest["sha256"]
-        assert manifest["format"] == FORMAT and isinstance(sums, dict)
+        assert manifest["format"] in FORMATS and isinstance(sums, dict)
     except (KeyError, ValueError, AssertionError, TypeError):
         raise RestoreRefused(f"{path} is not a console backup (no readable manifest).") from None
     members: dict[str, bytes] = {}
@@ -159,8 +168,9 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         if _sha256(found[name]) != expected:
             raise RestoreRefused(f"The archive is damaged: {name} does not match its checksum.")
         members[name] = found[name]
-    if not set(MEMBERS) <= set(members):
-        raise RestoreRefused(f"The archive is damaged: it lacks {', '.join(sorted(set(MEMBERS) - set(members)))}.")
+    lacking = sorted(set(MEMBERS) - set(members)) + ([] if set(DUMPS) & set(members) else ["database.jsonl"])
+    if lacking:
+        raise RestoreRefused(f"The archive is damaged: it lacks {', '.join(lacking)}.")
     return manifest, members
 
 
@@ -211,14 +221,18 @@ def restore(path: Path, replace: bool = False) -> dict[str, Any]:
             f"The database is not empty ({', '.join(present)}): restore is for a fresh install. "
             "Use --replace to erase it and restore the archive."
         )
+    name = next(name for name in DUMPS if name in members)
     with tempfile.TemporaryDirectory() as scratch:
-        dump = Path(scratch) / "database.json"
-        dump.write_bytes(members["database.json"])
+        dump = Path(scratch) / name
+        dump.write_bytes(members.pop(name))
         try:
             with transaction.atomic():
                 if replace:
                     _erase()
-                call_command("loaddata", str(dump), verbosity=0)
+                if name == "database.jsonl":
+                    load_rows(dump)
+                else:
+                    call_command("loaddata", str(dump), verbosity=0)
         except Exception as exc:  # rows this install cannot take: rolled back, said plainly
             raise RestoreRefused(
                 f"The archive's rows could not be loaded here ({type(exc).__name__}: {str(exc)[:300]}); "
@@ -233,6 +247,53 @@ def restore(path: Path, replace: bool = False) -> dict[str, Any]:
         "created_at": manifest.get("created_at"), "console_version": manifest.get("console_version"),
         "key_changed": key != settings.SECRET_KEY, "models": len(json.loads(members["models.json"])),
     }  # fmt: skip
+
+
+def load_rows(path: Path) -> int:
+    """Load a JSON-lines dump (inside the caller's transaction): what ``loaddata`` does, read line by
+    line and inserted ``LOAD_BATCH`` rows of a model at a time instead of one ``save()`` per row.
+    Foreign keys are checked once at the end, sequences reset; returns the rows loaded."""
+    from collections import defaultdict
+
+    from django.core import serializers
+
+    connection = connections[DEFAULT_DB_ALIAS]
+    pending: dict[type, list] = defaultdict(list)
+    later: list[Any] = []  # rows with many-to-many values or forward references
+    loaded: set[type] = set()
+    count = 0
+
+    def flush(model: type) -> None:
+        rows = pending.pop(model, [])
+        if rows:
+            model._base_manager.using(DEFAULT_DB_ALIAS).bulk_create(rows)  # type: ignore[attr-defined]
+
+    with path.open(encoding="utf-8") as stream, connection.constraint_checks_disabled():
+        for item in serializers.deserialize("jsonl", stream, handle_forward_references=True):
+            obj, model = item.object, type(item.object)
+            loaded.add(model)
+            count += 1
+            if model._meta.parents:  # multi-table inheritance: bulk_create cannot; as loaddata does
+                item.save()
+                continue
+            pending[model].append(obj)
+            if item.m2m_data or item.deferred_fields:
+                later.append(item)
+            if len(pending[model]) >= LOAD_BATCH:
+                flush(model)
+        for model in list(pending):
+            flush(model)
+        for item in later:
+            for name, values in (item.m2m_data or {}).items():
+                getattr(item.object, name).set(values)
+            if item.deferred_fields:
+                item.save_deferred_fields()
+    connection.check_constraints(table_names=[model._meta.db_table for model in loaded])
+    statements = connection.ops.sequence_reset_sql(no_style(), list(loaded))
+    with connection.cursor() as cursor:
+        for statement in statements:
+            cursor.execute(statement)
+    return count
 
 
 def _erase() -> None:

@@ -786,7 +786,9 @@ def pages(ids: dict[str, Any]) -> tuple[list[Page], list[Page]]:
     return admin + exports, department_admin
 
 
-def main() -> None:
+def ensure_data() -> dict[str, int]:
+    """Set Django up on the data set, built first unless the cached one is fresh; its row counts.
+    (Also used by bench/ops.py, which backs this data set up and restores it.)"""
     WORK.mkdir(parents=True, exist_ok=True)
     fresh = cache_is_fresh()
     if DB == "sqlite" and not fresh:
@@ -796,26 +798,22 @@ def main() -> None:
     if DB == "postgres" and not fresh:
         create_postgres()
     setup()
-    try:
-        from django.core.management import call_command
+    from django.core.management import call_command
 
-        if fresh:
-            call_command("migrate", verbosity=0)  # new migrations (indexes) apply to the cached data
-            counts = json.loads(MARKER.read_text())["counts"]
-        else:
-            print(f"building the data set into {DB} (a few minutes)…", flush=True)
-            counts = build()
-            if DB == "sqlite" or KEEP:
-                MARKER.write_text(
-                    json.dumps(
-                        {
-                            "version": VERSION,
-                            "shape": SHAPE,
-                            "counts": counts,
-                            "built_at": datetime.now(UTC).isoformat(),
-                        }
-                    )
-                )
+    if fresh:
+        call_command("migrate", verbosity=0)  # new migrations (indexes) apply to the cached data
+        return json.loads(MARKER.read_text())["counts"]
+    print(f"building the data set into {DB} (a few minutes)…", flush=True)
+    counts = build()
+    if DB == "sqlite" or KEEP:
+        marker = {"version": VERSION, "shape": SHAPE, "counts": counts, "built_at": datetime.now(UTC).isoformat()}
+        MARKER.write_text(json.dumps(marker))
+    return counts
+
+
+def main() -> None:
+    try:
+        counts = ensure_data()
         gpu_rows = write_gpu_history(random.Random(9))  # noqa: S311 - synthetic data
 
         from django.contrib.auth import get_user_model

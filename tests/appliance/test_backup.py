@@ -116,6 +116,9 @@ def test_a_backup_restores_an_emptied_install_to_the_same_state(place: Path, set
         call_command("restore", str(archive))
     call_command("restore", str(archive), "--replace", stdout=io.StringIO())
     assert counts() == before
+    assert Department.objects.create(name="After the restore").pk > max(  # sequences moved past restored ids
+        Department.objects.exclude(name="After the restore").values_list("pk", flat=True)
+    )
 
 
 def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any, monkeypatch: Any) -> None:
@@ -132,7 +135,7 @@ def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any
         pass
 
     def tamper(name: str, data: bytes) -> bytes:
-        return data.replace(b"Finance", b"Fynance") if name == "database.json" else data
+        return data.replace(b"Finance", b"Fynance") if name == "database.jsonl" else data
 
     def manifest(**changes: Any) -> Any:
         def change(name: str, data: bytes) -> bytes:
@@ -145,14 +148,14 @@ def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any
 
         return change
 
-    foreign_rows = b'[{"model": "tenancy.department", "pk": 1, "fields": {"no_such_field": 1}}]'
+    foreign_rows = b'{"model": "tenancy.department", "pk": 1, "fields": {"no_such_field": 1}}\n'
 
     def rows_changed(name: str, data: bytes) -> bytes:  # checksummed rows this schema cannot take
-        if name == "database.json":
+        if name == "database.jsonl":
             return foreign_rows
         if name == "manifest.json":
             found = json.loads(data)
-            found["sha256"]["database.json"] = backup._sha256(foreign_rows)
+            found["sha256"]["database.jsonl"] = backup._sha256(foreign_rows)
             return json.dumps(found).encode()
         return data
 
@@ -161,7 +164,7 @@ def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any
         truncated: "is damaged or not a console backup",
         text: "is damaged or not a console backup",
         empty: "is not a console backup",
-        rewrite(archive, place / "tampered.tar.gz", tamper): "database.json does not match its checksum",
+        rewrite(archive, place / "tampered.tar.gz", tamper): "database.jsonl does not match its checksum",
         rewrite(archive, place / "newer.tar.gz", manifest(console_version="99.0.0")): "from a newer console",
         rewrite(archive, place / "unknown.tar.gz",
                 manifest(migrations=lambda m: {**m, "tenancy": "0999_future"})): "does not know the migrations tenancy.0999_future",  # noqa: E501
@@ -177,6 +180,42 @@ def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any
     with pytest.raises(CommandError, match="SECRET_KEY is set in the environment to another key"):
         call_command("restore", str(archive), "--replace")
     assert list(Department.objects.values_list("name", flat=True)) == ["Legal"]
+
+
+def test_an_archive_of_the_first_format_still_restores(place: Path) -> None:
+    """Format 1 held the rows as one JSON list (database.json), loaded by loaddata."""
+    make_state(place)
+    before = counts()
+    archive = archive_of(place)
+
+    def first_format(name: str, data: bytes) -> bytes:
+        if name == "manifest.json":
+            found = json.loads(data)
+            found["format"] = 1
+            rows = found["sha256"].pop("database.jsonl")
+            assert rows
+            found["sha256"]["database.json"] = backup._sha256(as_list(archive))
+            return json.dumps(found).encode()
+        return data
+
+    def as_list(path: Path) -> bytes:
+        with tarfile.open(path, "r:gz") as tar:
+            lines = tar.extractfile("database.jsonl").read().decode().splitlines()  # type: ignore[union-attr]
+        return json.dumps([json.loads(line) for line in lines if line]).encode()
+
+    old = rewrite(archive, place / "format-1.tar.gz", first_format)
+    with tarfile.open(old, "r:gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    members["database.json"] = as_list(archive)
+    del members["database.jsonl"]
+    with tarfile.open(old, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    call_command("flush", interactive=False, verbosity=0)
+    call_command("restore", str(old), stdout=io.StringIO())
+    assert counts() == before
 
 
 def test_the_scheduled_backup_keeps_the_newest_and_the_overview_shows_its_outcome(
