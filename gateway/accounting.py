@@ -125,17 +125,24 @@ class EntryOnly(redis.exceptions.RedisError):
     """The usage entry went in, the settlement did not: only the settlement is to be spooled."""
 
 
-async def send(client: redis.asyncio.Redis, limiter: AsyncLimiter, settle: Any, entry: dict[str, str] | None) -> None:
-    """The settlement and the usage entry in one round trip. A pipeline is not a transaction: when
-    Redis lost the settle script (it restarted) the entry is in all the same, so only the settlement
-    is sent again (which loads the script); when the settlement fails otherwise, ``EntryOnly`` says
-    that the entry is in."""
+async def send(client: redis.asyncio.Redis, limiter: AsyncLimiter, settle: Any, entry: dict[str, str] | None,
+               release: Any = None) -> bool:  # fmt: skip
+    """The settlement and the usage entry (and the room given back, ``release(pipe)``) in one round
+    trip. A pipeline is not a transaction: when Redis lost the settle script (it restarted) the entry
+    is in all the same, so only the settlement is sent again (which loads the script); when the
+    settlement fails otherwise, ``EntryOnly`` says that the entry is in. Returns whether the release
+    (if any) went through; when not, the caller gives the room back on its own."""
     pipe = client.pipeline(transaction=False)
     if settle is not None:
         limiter.settle_raw_in(pipe, *settle)
     if entry is not None:
         pipe.xadd(usage.STREAM, entry)
+    if release is not None:
+        release(pipe)
     results = await pipe.execute(raise_on_error=False)
+    released = True
+    if release is not None:
+        released = not isinstance(results.pop(), Exception)
     if entry is not None and isinstance(results[-1], Exception):
         raise results[-1]
     if settle is not None and isinstance(results[0], Exception):
@@ -147,6 +154,7 @@ async def send(client: redis.asyncio.Redis, limiter: AsyncLimiter, settle: Any, 
             if entry is None:
                 raise
             raise EntryOnly(str(exc)) from exc
+    return released
 
 
 async def account(state: Any, call: Call) -> None:
@@ -184,14 +192,19 @@ async def account(state: Any, call: Call) -> None:
     )  # fmt: skip
     settle = state.limiter.settle_call(key.department_id, key.limits, decision, used) if decision else None
     spool: Spool = state.spool
+    ticket = call.ticket
+    release = (lambda pipe: state.balancer.release_in(pipe, ticket)) if ticket is not None else None
     try:
         if spool.items:
             raise redis.exceptions.ConnectionError("earlier settlements still spooled")  # keep them in order
-        await send(state.redis, state.limiter, settle, fields)
+        if not await send(state.redis, state.limiter, settle, fields, release):
+            await state.balancer.release(ticket)  # e.g. Redis lost the script: alone (which loads it)
     except (redis.RedisError, OSError) as exc:
         log.warning("Redis refused a settlement (%s); spooled for retry (department %s)", type(exc).__name__,
                     key.department)  # fmt: skip
         spool.add({"settle": settle, "entry": None if isinstance(exc, EntryOnly) else fields})
+        if ticket is not None:
+            await state.balancer.release(ticket)  # again, alone (harmless if it went; Redis down: its lease ends)
     spool.retry_soon(state.redis, state.limiter)
     metrics.observe(key.department, route.name if route else "-", call.status or 500, call.prompt_tokens,
                     call.completion_tokens, call.first_byte - call.started if call.first_byte else None,

@@ -173,7 +173,11 @@ class GatewayApp:
                 await self.send_error(send, GatewayError(500, "The gateway failed; see the console's log.",
                                                          "internal_error"), call)  # fmt: skip
         finally:
-            await accounting.account(state, call)
+            try:
+                await accounting.account(state, call)
+            finally:
+                if call.ticket is not None and call.ticket.token in state.balancer.held:  # accounting never got to it
+                    await state.balancer.release(call.ticket)
 
     async def send_error(self, send: Any, error: GatewayError, call: Call) -> None:
         body = error.body()
@@ -233,10 +237,8 @@ class GatewayApp:
         except (redis.RedisError, OSError):
             raise GatewayError(503, "Queue state is unavailable; the gateway refuses requests until it is back.",
                                "quota_unavailable", headers=[(b"retry-after", b"1")]) from None  # fmt: skip
-        try:
-            await relay.forward_watching(state, call, data, receive, send)
-        finally:
-            await state.balancer.release(call.ticket)
+        # The room is given back with the settlement, in its round trip (accounting.account).
+        await relay.forward_watching(state, call, data, receive, send)
 
     def refuse(self, decision: Decision) -> None:
         if decision.limit == "redis_unavailable":

@@ -279,6 +279,14 @@ class Balancer:
         self.held.pop(ticket.token, None)
         await asyncio.shield(self._release(ticket.deployment_id, ticket.token, ticket.capacity, ticket.replica.pk))
 
+    def release_in(self, pipe: redis.asyncio.client.Pipeline, ticket: Ticket) -> None:
+        """Queue the release on ``pipe`` (the settlement's round trip, gateway/accounting.py). When
+        Redis lost the script meanwhile the pipeline answers NoScriptError: call ``release`` then."""
+        self.held.pop(ticket.token, None)
+        held, wait, wexp = _keys(ticket.deployment_id)[:3]
+        keys = [held, replica_key(ticket.deployment_id, ticket.replica.pk), wait, wexp]
+        pipe.evalsha(self.release_script.sha, len(keys), *keys, ticket.token, ticket.capacity)
+
     async def _release(self, deployment_id: int, token: str, capacity: int, replica_id: int | None) -> None:
         held, wait, wexp = _keys(deployment_id)[:3]
         replica = replica_key(deployment_id, replica_id or 0)
