@@ -252,6 +252,8 @@ def restore(path: Path, replace: bool = False) -> dict[str, Any]:
 def load_rows(path: Path) -> int:
     """Load a JSON-lines dump (inside the caller's transaction): what ``loaddata`` does, read line by
     line and inserted ``LOAD_BATCH`` rows of a model at a time instead of one ``save()`` per row.
+    A model's rows are all in before the next model's are read: references by natural key (to users)
+    are looked up in the database while reading, and the dump lists models referred to first.
     Foreign keys are checked once at the end, sequences reset; returns the rows loaded."""
     from collections import defaultdict
 
@@ -262,6 +264,7 @@ def load_rows(path: Path) -> int:
     later: list[Any] = []  # rows with many-to-many values or forward references
     loaded: set[type] = set()
     count = 0
+    current = ""
 
     def flush(model: type) -> None:
         rows = pending.pop(model, [])
@@ -269,7 +272,15 @@ def load_rows(path: Path) -> int:
             model._base_manager.using(DEFAULT_DB_ALIAS).bulk_create(rows)  # type: ignore[attr-defined]
 
     with path.open(encoding="utf-8") as stream, connection.constraint_checks_disabled():
-        for item in serializers.deserialize("jsonl", stream, handle_forward_references=True):
+        for line in stream:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("model") != current:  # the previous model's rows go in before this one's are read
+                for model in list(pending):
+                    flush(model)
+                current = row.get("model")
+            (item,) = serializers.deserialize("python", [row], handle_forward_references=True)
             obj, model = item.object, type(item.object)
             loaded.add(model)
             count += 1

@@ -55,8 +55,9 @@ def main() -> None:
     if os.environ.get("BENCH_DB", "sqlite") != "sqlite":
         raise SystemExit("bench/ops.py measures the embedded default (SQLite); unset BENCH_DB")
     # The data set, in a process of its own (it sets Django up on the cached database).
-    subprocess.run([sys.executable, "-c", "import pages, json; print(json.dumps(pages.ensure_data()))"],
-                   cwd=ROOT / "bench", check=True)  # fmt: skip
+    # (bench/ on the path after the checkout: bench/gpus.py must not hide the gpus app)
+    build = "import sys; sys.path.append('bench'); import pages; pages.ensure_data()"
+    subprocess.run([sys.executable, "-c", build], cwd=ROOT, check=True)
     cache = ROOT / "var" / "bench" / "pages.sqlite3"
     with sqlite3.connect(cache) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

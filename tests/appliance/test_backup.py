@@ -20,12 +20,13 @@ from django.urls import reverse
 
 from appliance import backup
 from appliance.jobs import run_job
-from appliance.models import Backup
+from appliance.models import Backup, Profile
+from appliance.roles import Role
 from appliance.tasks import scheduled_backup
 from models_catalog.models import HubEndpoint, LocalModel, ModelFile, ModelJob
 from models_catalog.tasks import model_job_body
 from tenancy import keys as key_format
-from tenancy.models import ApiKey, Department
+from tenancy.models import ApiKey, Department, Membership
 from tests.models_catalog.helpers import make_model_dir
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -45,13 +46,15 @@ def place(settings: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Pat
 def make_state(place: Path) -> dict[str, Any]:
     user = get_user_model().objects.create_superuser("root", password="a-long-enough-password")
     finance = Department.objects.create(name="Finance", tokens_per_day=500_000)
+    viewer, _password = Profile.create_user("fiona", Role.DEPARTMENT_VIEWER)  # rows referring to users
+    Membership.objects.create(user=viewer, department=finance, role=Membership.Role.VIEWER)
     key, raw = ApiKey.issue(finance, "ledger bot")
     endpoint = HubEndpoint(name="mirror", url="https://mirror.internal")
     endpoint.set_token("hf_sealed_token")
     endpoint.save()
     job = LocalModel.request_import(str(make_model_dir(place / "src", weights_bytes=1024)), "acme/tiny", enqueue=False)
     run_job(ModelJob, job.pk, model_job_body)
-    return {"user": user.pk, "key_id": key.key_id, "raw": raw, "files": ModelFile.objects.count()}
+    return {"user": user.pk, "viewer": viewer.pk, "key_id": key.key_id, "raw": raw, "files": ModelFile.objects.count()}
 
 
 def archive_of(place: Path) -> Path:
@@ -108,6 +111,8 @@ def test_a_backup_restores_an_emptied_install_to_the_same_state(place: Path, set
     assert key_format.matches(state["raw"], key.key_hash) and key.department.tokens_per_day == 500_000
     assert HubEndpoint.objects.get().token() == "hf_sealed_token"
     assert get_user_model().objects.get(pk=state["user"]).check_password("a-long-enough-password")
+    assert Profile.objects.get(user_id=state["viewer"]).role == Role.DEPARTMENT_VIEWER
+    assert Membership.objects.get(user_id=state["viewer"]).department.name == "Finance"
     assert (place / "var" / "secret_key").read_text() == settings.SECRET_KEY
     assert (place / "var" / "secret_key").stat().st_mode & 0o777 == 0o600
 
