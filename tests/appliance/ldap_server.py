@@ -189,16 +189,15 @@ class Slapd:
         connection.simple_bind_s(ADMIN_DN, ADMIN_PASSWORD)
         return connection
 
-    def remove_member(self, group: str, uid: str) -> None:
+    def _member(self, change: int, group: str, uid: str) -> None:
         connection = self.admin()
         try:
-            connection.modify_s(f"cn={group},{GROUPS}", [(ldap.MOD_DELETE, "member", [f"uid={uid},{PEOPLE}".encode()])])
+            connection.modify_s(f"cn={group},{GROUPS}", [(change, "member", [f"uid={uid},{PEOPLE}".encode()])])
         finally:
             connection.unbind_s()
 
+    def remove_member(self, group: str, uid: str) -> None:
+        self._member(ldap.MOD_DELETE, group, uid)
+
     def add_member(self, group: str, uid: str) -> None:
-        connection = self.admin()
-        try:
-            connection.modify_s(f"cn={group},{GROUPS}", [(ldap.MOD_ADD, "member", [f"uid={uid},{PEOPLE}".encode()])])
-        finally:
-            connection.unbind_s()
+        self._member(ldap.MOD_ADD, group, uid)
