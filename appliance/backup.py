@@ -2,11 +2,11 @@
 
 An archive (``console-backup-<UTC time>.tar.gz``, mode 0600: it holds the secret key) contains:
 
-- ``database.jsonl``: every row the console keeps, one per line (Django's serialised dump, the same
-  on SQLite and PostgreSQL, so a box may also move from one to the other), model manifests with
-  their files' hashes included; not Django's own content types, permissions and sessions, which a
-  fresh install makes. Written streaming and loaded in batches (``bench/ops.py``: a million usage
-  records). Archives of format 1 (``database.json``, one JSON list) still restore;
+- ``tables.jsonl``: every row the console keeps, table by table (``appliance/dump.py``; the same on
+  SQLite and PostgreSQL, so a box may also move from one to the other), model manifests with their
+  files' hashes included; not Django's own content types, permissions and sessions, which a fresh
+  install makes. Archives of format 2 (``database.jsonl``, every row serialised by Django) and
+  format 1 (``database.json``, one JSON list) still restore;
 - ``secret_key``: the key sealed secrets (hub tokens) and sessions depend on;
 - ``node.env``: the cluster settings a joined box was given, when there are some;
 - ``models.json``: each model's files with their SHA-256, to check weights copied back by hand (the
@@ -39,16 +39,15 @@ from django.core.management.color import no_style
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.migrations.loader import MigrationLoader
 
-FORMAT = 2  # 2: database.jsonl; 1: database.json (still restored)
-FORMATS = (1, 2)
-LOAD_BATCH = 2000  # rows of one model per INSERT batch on restore
+from appliance.dump import NOT_DUMPED, load_rows, load_serialized, write_rows
+
+FORMAT = 3  # 3: tables.jsonl (appliance/dump.py); 2: database.jsonl; 1: database.json (both still restored)
+FORMATS = (1, 2, 3)
 COMPRESS_LEVEL = 3  # gzip: most of level 9's saving at a fraction of its time on a large dump
 PREFIX = "console-backup-"
 SUFFIX = ".tar.gz"
-# Made by `migrate` on a fresh install; dumping them would clash with the fresh install's own rows.
-NOT_DUMPED = ["contenttypes", "auth.permission", "sessions", "axes"]
-MEMBERS = ("secret_key", "models.json")  # and the rows: database.jsonl (format 2) or database.json (1)
-DUMPS = ("database.jsonl", "database.json")
+MEMBERS = ("secret_key", "models.json")  # and the rows: one of DUMPS, by format
+DUMPS = ("tables.jsonl", "database.jsonl", "database.json")  # formats 3, 2, 1
 
 
 class RestoreRefused(Exception):
@@ -103,14 +102,13 @@ def write(directory: Path | None = None) -> Written:
     directory = Path(directory or settings.BACKUP_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        dump = Path(scratch) / "database.jsonl"
-        # Primary keys kept (ids are in URLs and the API); references to content types and permissions
-        # by natural key, since a fresh install numbers those itself. Streamed row by row to the file.
-        call_command("dumpdata", format="jsonl", natural_foreign=True, exclude=NOT_DUMPED, output=str(dump),
-                     verbosity=0)  # fmt: skip
+        dump = Path(scratch) / "tables.jsonl"
+        # Primary keys kept (ids are in URLs and the API); streamed table by table to the file.
+        with dump.open("wb", buffering=1 << 20) as stream:
+            write_rows(stream)
         rows = dump.read_bytes()
     members = {
-        "database.jsonl": rows,
+        "tables.jsonl": rows,
         "secret_key": settings.SECRET_KEY.encode(),
         "models.json": json.dumps(_models_manifest(), indent=1).encode(),
     }
@@ -168,7 +166,7 @@ def read(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
         if _sha256(found[name]) != expected:
             raise RestoreRefused(f"The archive is damaged: {name} does not match its checksum.")
         members[name] = found[name]
-    lacking = sorted(set(MEMBERS) - set(members)) + ([] if set(DUMPS) & set(members) else ["database.jsonl"])
+    lacking = sorted(set(MEMBERS) - set(members)) + ([] if set(DUMPS) & set(members) else ["tables.jsonl"])
     if lacking:
         raise RestoreRefused(f"The archive is damaged: it lacks {', '.join(lacking)}.")
     return manifest, members
@@ -229,8 +227,12 @@ def restore(path: Path, replace: bool = False) -> dict[str, Any]:
             with transaction.atomic():
                 if replace:
                     _erase()
-                if name == "database.jsonl":
-                    load_rows(dump)
+                if name == "tables.jsonl":
+                    with dump.open("rb") as stream:
+                        load_rows(stream)
+                elif name == "database.jsonl":
+                    with dump.open(encoding="utf-8") as stream:
+                        load_serialized(stream)
                 else:
                     call_command("loaddata", str(dump), verbosity=0)
         except Exception as exc:  # rows this install cannot take: rolled back, said plainly
@@ -249,74 +251,15 @@ def restore(path: Path, replace: bool = False) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def load_rows(path: Path) -> int:
-    """Load a JSON-lines dump (inside the caller's transaction): what ``loaddata`` does, read line by
-    line and inserted ``LOAD_BATCH`` rows of a model at a time instead of one ``save()`` per row.
-    A model's rows are all in before the next model's are read: references by natural key (to users)
-    are looked up in the database while reading, and the dump lists models referred to first.
-    Foreign keys are checked once at the end, sequences reset; returns the rows loaded."""
-    from collections import defaultdict
-
-    from django.core import serializers
-
-    connection = connections[DEFAULT_DB_ALIAS]
-    pending: dict[type, list] = defaultdict(list)
-    later: list[Any] = []  # rows with many-to-many values or forward references
-    loaded: set[type] = set()
-    count = 0
-    current = ""
-
-    def flush(model: type) -> None:
-        rows = pending.pop(model, [])
-        if rows:
-            model._base_manager.using(DEFAULT_DB_ALIAS).bulk_create(rows)  # type: ignore[attr-defined]
-
-    with path.open(encoding="utf-8") as stream, connection.constraint_checks_disabled():
-        for line in stream:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("model") != current:  # the previous model's rows go in before this one's are read
-                for model in list(pending):
-                    flush(model)
-                current = row.get("model")
-            (item,) = serializers.deserialize("python", [row], handle_forward_references=True)
-            obj, model = item.object, type(item.object)
-            loaded.add(model)
-            count += 1
-            if model._meta.parents:  # multi-table inheritance: bulk_create cannot; as loaddata does
-                item.save()
-                continue
-            pending[model].append(obj)
-            if item.m2m_data or item.deferred_fields:
-                later.append(item)
-            if len(pending[model]) >= LOAD_BATCH:
-                flush(model)
-        for model in list(pending):
-            flush(model)
-        for item in later:
-            for name, values in (item.m2m_data or {}).items():
-                getattr(item.object, name).set(values)
-            if item.deferred_fields:
-                item.save_deferred_fields()
-    connection.check_constraints(table_names=[model._meta.db_table for model in loaded])
-    statements = connection.ops.sequence_reset_sql(no_style(), list(loaded))
-    with connection.cursor() as cursor:
-        for statement in statements:
-            cursor.execute(statement)
-    return count
-
-
 def _erase() -> None:
     """Delete every row a restore brings back (inside the restore's transaction)."""
     from django.apps import apps
 
     connection = connections[DEFAULT_DB_ALIAS]
-    skipped = {"contenttypes", "auth.permission", "sessions", "axes"}
     tables = [
         model._meta.db_table
         for model in apps.get_models(include_auto_created=True)
-        if model._meta.app_label not in skipped and model._meta.label_lower not in skipped and model._meta.managed
+        if model._meta.app_label not in NOT_DUMPED and model._meta.label_lower not in NOT_DUMPED and model._meta.managed
     ]
     with connection.cursor() as cursor:
         for statement in connection.ops.sql_flush(no_style(), tables, allow_cascade=True):

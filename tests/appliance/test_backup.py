@@ -9,24 +9,28 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
 from django.urls import reverse
 
-from appliance import backup
+from appliance import backup, dump
+from appliance.dump import NOT_DUMPED
 from appliance.jobs import run_job
-from appliance.models import Backup, Profile
+from appliance.models import AuditEvent, Backup, Profile
 from appliance.roles import Role
 from appliance.tasks import scheduled_backup
 from models_catalog.models import HubEndpoint, LocalModel, ModelFile, ModelJob
 from models_catalog.tasks import model_job_body
 from tenancy import keys as key_format
-from tenancy.models import ApiKey, Department, Membership
+from tenancy.models import ApiKey, Department, Membership, ModelPrice
 from tests.models_catalog.helpers import make_model_dir
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,6 +58,12 @@ def make_state(place: Path) -> dict[str, Any]:
     endpoint.save()
     job = LocalModel.request_import(str(make_model_dir(place / "src", weights_bytes=1024)), "acme/tiny", enqueue=False)
     run_job(ModelJob, job.pk, model_job_body)
+    # Every kind of column: decimals, JSON with text of every script, an address, microseconds, groups.
+    ModelPrice.objects.create(model="acme/tiny", prompt_per_million=Decimal("0.1234"), gpu_hour=Decimal("12.5"))
+    AuditEvent.objects.create(actor=user, action="test.kinds", source_ip="fe80::1", target_repr="财务 ‮",
+                              detail={"nested": [1, 2.5, None, "配额"], "flag": True})  # fmt: skip
+    group = Group.objects.create(name="ml-admins")
+    viewer.groups.add(group)
     return {"user": user.pk, "viewer": viewer.pk, "key_id": key.key_id, "raw": raw, "files": ModelFile.objects.count()}
 
 
@@ -82,9 +92,21 @@ def counts() -> dict[str, int]:
             "files": ModelFile.objects.count(), "endpoints": HubEndpoint.objects.count()}  # fmt: skip
 
 
+def every_row() -> dict[str, list[tuple]]:
+    """Every column of every row a backup holds, by table (many-to-many tables too)."""
+    tables = {}
+    for model in dump._dumped_models():
+        for one in [model, *(field.remote_field.through for field in model._meta.many_to_many)]:
+            columns = [field.attname for field in one._meta.concrete_fields]
+            tables[one._meta.label_lower] = list(one._base_manager.order_by("pk").values_list(*columns))
+    return tables
+
+
 def test_a_backup_restores_an_emptied_install_to_the_same_state(place: Path, settings: Any) -> None:
     state = make_state(place)
     before = counts()
+    rows = every_row()
+    assert rows["auth.user_groups"] and rows["tenancy.modelprice"] and rows["appliance.auditevent"]
     archive = archive_of(place)
     assert archive.parent == place / "backups" and archive.stat().st_mode & 0o777 == 0o600
     checksum = (archive.parent / (archive.name + ".sha256")).read_text().split()[0]
@@ -105,6 +127,7 @@ def test_a_backup_restores_an_emptied_install_to_the_same_state(place: Path, set
     call_command("restore", str(archive), stdout=out)
     assert "Restored the backup of" in out.getvalue()
     assert counts() == before
+    assert every_row() == rows  # every value as it was: times to the microsecond, decimals, JSON
     assert sorted(get_user_model().objects.values_list("pk", flat=True)) == ids["users"]  # ids as they were
     assert sorted(ApiKey.objects.values_list("pk", flat=True)) == ids["keys"]
     key = ApiKey.objects.get(key_id=state["key_id"])
@@ -140,7 +163,7 @@ def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any
         pass
 
     def tamper(name: str, data: bytes) -> bytes:
-        return data.replace(b"Finance", b"Fynance") if name == "database.jsonl" else data
+        return data.replace(b"Finance", b"Fynance") if name == "tables.jsonl" else data
 
     def manifest(**changes: Any) -> Any:
         def change(name: str, data: bytes) -> bytes:
@@ -153,74 +176,94 @@ def test_bad_archives_are_refused_and_nothing_is_lost(place: Path, settings: Any
 
         return change
 
-    foreign_rows = b'{"model": "tenancy.department", "pk": 1, "fields": {"no_such_field": 1}}\n'
+    def rows_changed(foreign_rows: bytes) -> Any:  # checksummed rows this schema cannot take
+        def change(name: str, data: bytes) -> bytes:
+            if name == "tables.jsonl":
+                return foreign_rows
+            if name == "manifest.json":
+                found = json.loads(data)
+                found["sha256"]["tables.jsonl"] = backup._sha256(foreign_rows)
+                return json.dumps(found).encode()
+            return data
 
-    def rows_changed(name: str, data: bytes) -> bytes:  # checksummed rows this schema cannot take
-        if name == "database.jsonl":
-            return foreign_rows
-        if name == "manifest.json":
-            found = json.loads(data)
-            found["sha256"]["database.jsonl"] = backup._sha256(foreign_rows)
-            return json.dumps(found).encode()
-        return data
+        return change
+
+    unknown_column = b'{"table": "tenancy.department", "columns": ["id", "no_such_field"]}\n[1, 1]\n'
+    short_row = b'{"table": "tenancy.usagerecord", "columns": ["id", "department_id"]}\n[1]\n'
+    unknown_field = b'{"model": "tenancy.department", "pk": 1, "fields": {"no_such_field": 1}}\n'
+    unknown_table = b'{"table": "tenancy.nosuchmodel", "columns": ["id"]}\n[1]\n'
+    not_json = b'{"table": "tenancy.department", "columns": ["id"]}\n[1,\n'
 
     cases = {
         place / "missing.tar.gz": "No such archive",
         truncated: "is damaged or not a console backup",
         text: "is damaged or not a console backup",
         empty: "is not a console backup",
-        rewrite(archive, place / "tampered.tar.gz", tamper): "database.jsonl does not match its checksum",
+        rewrite(archive, place / "tampered.tar.gz", tamper): "tables.jsonl does not match its checksum",
         rewrite(archive, place / "newer.tar.gz", manifest(console_version="99.0.0")): "from a newer console",
         rewrite(archive, place / "unknown.tar.gz",
                 manifest(migrations=lambda m: {**m, "tenancy": "0999_future"})): "does not know the migrations tenancy.0999_future",  # noqa: E501
-        rewrite(archive, place / "rows.tar.gz", rows_changed): "rows could not be loaded here",
+        rewrite(archive, place / "column.tar.gz", rows_changed(unknown_column)): "no column no_such_field",
+        rewrite(archive, place / "short.tar.gz", rows_changed(short_row)): "does not match its table's columns",
+        rewrite(archive, place / "field.tar.gz", rows_changed(unknown_field)): "rows could not be loaded here",
+        rewrite(archive, place / "table.tar.gz", rows_changed(unknown_table)): "rows could not be loaded here",
+        rewrite(archive, place / "json.tar.gz", rows_changed(not_json)): "rows could not be loaded here",
         rewrite(archive, place / "gone.tar.gz",
                 manifest(sha256=lambda s: {**s, "extra.json": "0" * 64})): "extra.json is missing",
     }  # fmt: skip
+
+    def indexes() -> set[str]:  # a restore on SQLite drops a table's indexes while loading it
+        with connection.cursor() as cursor:
+            return set(connection.introspection.get_constraints(cursor, "tenancy_usagerecord"))
+
+    kept = indexes()
+    assert len(kept) > 3
     for path, message in cases.items():
         with pytest.raises(CommandError, match=message):
             call_command("restore", str(path), "--replace")
         assert list(Department.objects.values_list("name", flat=True)) == ["Legal"], path
+        assert indexes() == kept, path
     monkeypatch.setenv("SECRET_KEY", "another-key-" + "x" * 40)
     with pytest.raises(CommandError, match="SECRET_KEY is set in the environment to another key"):
         call_command("restore", str(archive), "--replace")
     assert list(Department.objects.values_list("name", flat=True)) == ["Legal"]
 
 
-def test_an_archive_of_the_first_format_still_restores(place: Path) -> None:
-    """Format 1 held the rows as one JSON list (database.json), loaded by loaddata."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_archives_of_earlier_formats_still_restore(place: Path, version: int) -> None:
+    """Format 1 held the rows as one JSON list (database.json, loaded by loaddata), format 2 as
+    dumpdata's JSON lines (database.jsonl, every row serialised by Django)."""
     make_state(place)
     before = counts()
     archive = archive_of(place)
-
-    def first_format(name: str, data: bytes) -> bytes:
-        if name == "manifest.json":
-            found = json.loads(data)
-            found["format"] = 1
-            rows = found["sha256"].pop("database.jsonl")
-            assert rows
-            found["sha256"]["database.json"] = backup._sha256(as_list(archive))
-            return json.dumps(found).encode()
-        return data
-
-    def as_list(path: Path) -> bytes:
-        with tarfile.open(path, "r:gz") as tar:
-            lines = tar.extractfile("database.jsonl").read().decode().splitlines()  # type: ignore[union-attr]
-        return json.dumps([json.loads(line) for line in lines if line]).encode()
-
-    old = rewrite(archive, place / "format-1.tar.gz", first_format)
-    with tarfile.open(old, "r:gz") as tar:
+    out = io.StringIO()
+    call_command("dumpdata", format="jsonl", natural_foreign=True, exclude=list(NOT_DUMPED), stdout=out)
+    lines = [line for line in out.getvalue().splitlines() if line]
+    name, rows = (
+        ("database.json", json.dumps([json.loads(line) for line in lines]).encode())
+        if version == 1
+        else ("database.jsonl", "\n".join(lines).encode())
+    )
+    with tarfile.open(archive, "r:gz") as tar:
         members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
-    members["database.json"] = as_list(archive)
-    del members["database.jsonl"]
+    del members["tables.jsonl"]
+    members[name] = rows
+    manifest = json.loads(members["manifest.json"])
+    manifest["format"] = version
+    del manifest["sha256"]["tables.jsonl"]
+    manifest["sha256"][name] = backup._sha256(rows)
+    members["manifest.json"] = json.dumps(manifest).encode()
+    old = place / f"format-{version}.tar.gz"
     with tarfile.open(old, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     call_command("flush", interactive=False, verbosity=0)
     call_command("restore", str(old), stdout=io.StringIO())
     assert counts() == before
+    viewer = get_user_model().objects.get(username="fiona")
+    assert Membership.objects.get(user=viewer).department.name == "Finance"
 
 
 def test_the_scheduled_backup_keeps_the_newest_and_the_overview_shows_its_outcome(
