@@ -39,7 +39,7 @@ from django.core.management.color import no_style
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.migrations.loader import MigrationLoader
 
-from appliance.dump import NOT_DUMPED, load_rows, load_serialized, write_rows
+from appliance.dump import load_rows, not_dumped, write_rows
 
 FORMAT = 3  # 3: tables.jsonl (appliance/dump.py); 2: database.jsonl; 1: database.json (both still restored)
 FORMATS = (1, 2, 3)
@@ -227,12 +227,9 @@ def restore(path: Path, replace: bool = False) -> dict[str, Any]:
             with transaction.atomic():
                 if replace:
                     _erase()
-                if name == "tables.jsonl":
+                if name != "database.json":  # formats 3 and 2: JSON lines
                     with dump.open("rb") as stream:
                         load_rows(stream)
-                elif name == "database.jsonl":
-                    with dump.open(encoding="utf-8") as stream:
-                        load_serialized(stream)
                 else:
                     call_command("loaddata", str(dump), verbosity=0)
         except Exception as exc:  # rows this install cannot take: rolled back, said plainly
@@ -259,7 +256,7 @@ def _erase() -> None:
     tables = [
         model._meta.db_table
         for model in apps.get_models(include_auto_created=True)
-        if model._meta.app_label not in NOT_DUMPED and model._meta.label_lower not in NOT_DUMPED and model._meta.managed
+        if not not_dumped(model) and model._meta.managed
     ]
     with connection.cursor() as cursor:
         for statement in connection.ops.sql_flush(no_style(), tables, allow_cascade=True):

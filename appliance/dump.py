@@ -13,13 +13,12 @@ and groups' permissions) or that use multi-table inheritance are written as Djan
 (``{"model": …, "pk": …, "fields": …}``, references by natural key) and loaded with the serializer.
 
 Measured by ``bench/ops.py`` (a million usage records): see the issue's note for the figures against
-format 2, which serialised every row through Django (``load_serialized`` still reads it).
+format 2, which serialised every row through Django (``load_rows`` still reads it).
 """
 
 from __future__ import annotations
 
 import base64
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -48,7 +47,8 @@ PLAIN = {
 }  # fmt: skip
 
 
-def _skipped(model: type[Model]) -> bool:
+def not_dumped(model: type[Model]) -> bool:
+    """Whether a backup leaves the model's rows out (a fresh install makes them)."""
     meta = model._meta
     return meta.app_label in NOT_DUMPED or meta.label_lower in NOT_DUMPED
 
@@ -56,7 +56,7 @@ def _skipped(model: type[Model]) -> bool:
 def _dumped_models() -> list[type[Model]]:
     """Every model whose rows a backup holds, referred-to models first (as ``dumpdata`` orders them)."""
     app_list = {
-        config: [m for m in config.get_models() if not _skipped(m) and not m._meta.proxy and m._meta.managed]
+        config: [m for m in config.get_models() if not not_dumped(m) and not m._meta.proxy and m._meta.managed]
         for config in apps.get_app_configs()
         if config.models_module is not None and config.label not in NOT_DUMPED
     }
@@ -70,10 +70,10 @@ def _is_plain(model: type[Model]) -> bool:
     if meta.parents:
         return False
     for field in meta.concrete_fields:
-        if field.is_relation and _skipped(field.related_model):
+        if field.is_relation and not_dumped(field.related_model):
             return False
     for field in meta.many_to_many:
-        if not field.remote_field.through._meta.auto_created or _skipped(field.related_model):
+        if not field.remote_field.through._meta.auto_created or not_dumped(field.related_model):
             return False
     return True
 
@@ -124,7 +124,7 @@ def _datetimes(connection: Any) -> Callable[[Any], Any]:
     if connection.vendor != "sqlite":
         return lambda value: None if value is None else datetime.fromisoformat(value)
     zone = connection.timezone
-    utc = zone.utcoffset(None) == timedelta(0) if hasattr(zone, "utcoffset") else False
+    utc = zone.utcoffset(None) == timedelta(0)  # a zone with daylight saving answers None
 
     def convert(value: Any) -> Any:
         if value is None:
@@ -168,6 +168,7 @@ class _Loader:
         self.serialized: dict[type, list] = defaultdict(list)
         self.later: list[Any] = []  # serialised rows with many-to-many values or forward references
         self.deferred: list[str] = []  # CREATE INDEX statements to run once the rows are in
+        self.current = ""  # the model of the serialised rows being read
 
     def _defer_indexes(self, table: str) -> None:
         """SQLite: a table's secondary indexes are dropped while its rows go in and made again once
@@ -220,6 +221,9 @@ class _Loader:
             self.batch = []
 
     def serialised(self, row: dict[str, Any]) -> None:
+        if row.get("model") != self.current:  # the previous model's rows go in before these are read
+            self.flush()
+            self.current = row.get("model", "")
         (item,) = serializers.deserialize("python", [row], handle_forward_references=True)
         obj, model = item.object, type(item.object)
         self.loaded.add(model)
@@ -286,10 +290,10 @@ def _lines(stream: Iterable[bytes]) -> Iterator[Any]:
 
 
 def load_rows(stream: Iterable[bytes]) -> int:
-    """Load a ``tables.jsonl`` dump (inside the caller's transaction); returns the rows loaded.
-    Foreign keys are checked once at the end and sequences reset."""
+    """Load a dump (inside the caller's transaction): ``tables.jsonl`` (format 3) or ``database.jsonl``
+    (format 2, ``dumpdata --format jsonl``: every row serialised). Returns the rows loaded; foreign
+    keys are checked once at the end and sequences reset."""
     loader = _Loader()
-    current = ""
     with loader.connection.constraint_checks_disabled(), _large_cache(loader.connection):
         for line in _lines(stream):
             if isinstance(line, list):
@@ -297,24 +301,5 @@ def load_rows(stream: Iterable[bytes]) -> int:
             elif "table" in line:
                 loader.table(line["table"], line["columns"])
             else:
-                if line.get("model") != current:  # the previous model's rows are in before these are read
-                    loader.flush()
-                    current = line.get("model")
                 loader.serialised(line)
-        return loader.finish()
-
-
-def load_serialized(stream: Iterable[str]) -> int:
-    """Load a format-2 dump (``database.jsonl``: ``dumpdata --format jsonl``, every row serialised)."""
-    loader = _Loader()
-    current = ""
-    with loader.connection.constraint_checks_disabled():
-        for text in stream:
-            if not text.strip():
-                continue
-            row = json.loads(text)
-            if row.get("model") != current:
-                loader.flush()
-                current = row.get("model")
-            loader.serialised(row)
         return loader.finish()
