@@ -3,7 +3,9 @@ never by the console): the parts of vLLM's API the gateway forwards to, answered
 delay per token. It checks the bearer key like vLLM's ``--api-key``, honours
 ``stream_options.include_usage``/``continuous_usage_stats`` as vLLM does, and keeps the last
 requests it got (``GET /_fake/requests``) and how many streams lost their client
-(``GET /_fake/stats``) so tests can see what the gateway sent.
+(``GET /_fake/stats``) so tests can see what the gateway sent. ``POST /_fake/hold`` keeps every
+request that arrives at the engine until ``POST /_fake/release``: a test fills a slot for as long as
+it needs, whatever the machine's speed.
 
     python -m tests.gateway.fake_engine --port 9001 --key secret [--token-delay 0.01] [--tokens 16]
         [--first-delay 0] [--linger 0]
@@ -42,6 +44,8 @@ class FakeEngine:
         self.disconnected = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
         # vLLM's own metric names (v1), exposed with prometheus_client as vLLM does.
         self.registry = CollectorRegistry()
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens.", registry=self.registry)
@@ -62,6 +66,8 @@ class FakeEngine:
         app.router.add_get("/_fake/requests", self.seen)
         app.router.add_get("/_fake/stats", self.stats)
         app.router.add_post("/_fake/reset", self.reset)
+        app.router.add_post("/_fake/hold", self.hold)
+        app.router.add_post("/_fake/release", self.release)
         for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/tokenize"):
             app.router.add_post(path, self.generate)
         return app
@@ -84,6 +90,14 @@ class FakeEngine:
         self.disconnected = self.max_in_flight = 0
         return web.Response()
 
+    async def hold(self, request: web.Request) -> web.Response:
+        self.gate.clear()
+        return web.Response()
+
+    async def release(self, request: web.Request) -> web.Response:
+        self.gate.set()
+        return web.Response()
+
     async def generate(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization", "").encode() != self.key:
             return web.Response(status=401, body=b'{"error": "Unauthorized"}', content_type="application/json")
@@ -92,6 +106,7 @@ class FakeEngine:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            await self.gate.wait()
             return await self._answer(request, body)
         finally:
             self.in_flight -= 1

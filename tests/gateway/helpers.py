@@ -95,6 +95,12 @@ class FakeEngineProcess:
     def reset(self) -> None:
         httpx.post(self.url + "/_fake/reset", timeout=5)
 
+    def hold(self) -> None:
+        httpx.post(self.url + "/_fake/hold", timeout=5)
+
+    def release(self) -> None:
+        httpx.post(self.url + "/_fake/release", timeout=5)
+
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()

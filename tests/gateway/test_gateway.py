@@ -468,6 +468,7 @@ def test_saturated_deployment_queues_high_priority_first(
             call(priority)
         finished.clear()
         threads = []
+        slow.hold()  # the first request keeps the only slot until every other one is queued
         for waiting, priority in enumerate(("low", "low", "low", "high")):  # one takes the only slot,
             threads.append(threading.Thread(target=call, args=(priority,)))  # two low wait, then a high
             threads[-1].start()
@@ -475,17 +476,20 @@ def test_saturated_deployment_queues_high_priority_first(
                 assert wait(lambda: slow.stats()["in_flight"] == 1)
             else:
                 assert wait(lambda n=waiting: redis_db.zcard(f"{{gate:{deployment.pk}}}:wait") == n)
+        slow.release()
         for thread in threads:
             thread.join()
         assert finished[:2] == ["low", "high"], finished  # the high one overtook both waiting low ones
         assert slow.stats()["max_in_flight"] == 1
 
         settings.GATEWAY_QUEUE_SECONDS = 0
+        slow.hold()
         hold = threading.Thread(target=call, args=("low",))
         hold.start()
         assert wait(lambda: slow.stats()["in_flight"] == 1)
         refused = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": HELLO},
                              headers={"Authorization": f"Bearer {raws['high']}"}, timeout=30)  # fmt: skip
+        slow.release()
         hold.join()
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_timeout"
     finally:
