@@ -210,7 +210,11 @@ CHARTS = {
     "ttft": (_("Time to first token"), ("ttft_p50", "ttft_p99"), "ms", 1000.0),
     "itl": (_("Inter-token latency"), ("itl_p50", "itl_p99"), "ms", 1000.0),
     "e2e": (_("Request latency"), ("e2e_p50", "e2e_p99", "queue_p99"), "s", 1.0),
+    # Not the engine's: the gateway's own time to first token, per department (usage records).
+    "gateway_ttft": (_("Time to first token at the gateway, by department"), (), "ms", 1.0),
 }
+# The gateway chart's buckets (seconds) per range: enough requests in each for a p99.
+GATEWAY_BUCKETS = {"1h": 60, "24h": 15 * 60, "7d": 3 * 3600, "30d": 12 * 3600}
 FIELD_LABELS = {
     "running": _("running"), "waiting": _("waiting"), "kv_cache": _("used"), "generation_tps": _("generated"),
     "prompt_tps": _("prompt"), "ttft_p50": "p50", "ttft_p99": "p99", "itl_p50": "p50", "itl_p99": "p99",
@@ -226,6 +230,8 @@ def series(deployment: Any, range_key: str, chart: str) -> dict[str, Any]:
 
     if range_key not in RANGES or chart not in CHARTS:
         raise ValueError("Unknown range or chart.")
+    if chart == "gateway_ttft":
+        return gateway_ttft(deployment, range_key)
     span, resolution = RANGES[range_key]
     _title, fields, unit, scale = CHARTS[chart]
     rows = (
@@ -247,3 +253,36 @@ def series(deployment: Any, range_key: str, chart: str) -> dict[str, Any]:
             for (ordinal, name), points in lines.items()
         ],
     }
+
+
+def _rank(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of sorted ``values``."""
+    return values[max(0, math.ceil(q * len(values)) - 1)]
+
+
+def gateway_ttft(deployment: Any, range_key: str) -> dict[str, Any]:
+    """Each department's p50 and p99 time to first token as the gateway measured it (answered
+    requests' usage records: what the department waited, queueing in the gateway included), per
+    bucket of ``GATEWAY_BUCKETS``; the same shape as ``series``."""
+    from gpus.charts import RANGES
+    from tenancy.models import UsageRecord
+
+    span, _resolution = RANGES[range_key]
+    bucket = GATEWAY_BUCKETS[range_key]
+    rows = (
+        UsageRecord.objects.filter(
+            deployment=deployment, created_at__gte=timezone.now() - span, status=200, ttft_ms__isnull=False
+        )
+        .order_by()
+        .values_list("department__name", "created_at", "ttft_ms")
+    )
+    groups: dict[tuple[str, int], list[float]] = {}
+    for department, moment, ttft in rows.iterator(chunk_size=5000):
+        start = int(moment.timestamp()) // bucket * bucket
+        groups.setdefault((department or "—", start), []).append(ttft)
+    lines: dict[str, list[list[float]]] = {}
+    for (department, start), values in sorted(groups.items()):
+        values.sort()
+        for q, name in ((0.5, "p50"), (0.99, "p99")):
+            lines.setdefault(f"{department} {name}", []).append([start * 1000, round(_rank(values, q), 1)])
+    return {"unit": "ms", "series": [{"label": label, "points": points} for label, points in lines.items()]}

@@ -148,3 +148,32 @@ def test_the_api_gives_the_same_charts(deployment_factory: Any, admin_user: Any,
     assert client.get(url, {"chart": "nope"}, **auth).status_code == 422
     assert client.get(url, {"range": "1y"}, **auth).status_code == 422
     assert client.get(f"/api/v1/deployments/{deployment.pk + 99}/engine-metrics", **auth).status_code == 404
+
+
+@pytest.mark.django_db
+def test_the_gateway_chart_gives_each_departments_ttft_p50_and_p99(deployment_factory: Any, admin_client: Any) -> None:
+    from tenancy.models import Department, UsageRecord
+
+    chat, other = deployment_factory(name="chat"), deployment_factory(name="other")
+    research, marketing = Department.objects.create(name="Research"), Department.objects.create(name="Marketing")
+    now = timezone.now().replace(second=30, microsecond=0)
+    rows = [(research, chat, 200, float(ms)) for ms in range(1, 101)]  # 1..100 ms: p50 50, p99 99
+    rows += [(marketing, chat, 200, 400.0), (marketing, chat, 200, 600.0)]
+    rows += [(marketing, chat, 429, 5.0), (marketing, other, 200, 9000.0), (research, chat, 200, None)]
+    UsageRecord.objects.bulk_create([
+        UsageRecord(stream_id=f"s{i}", created_at=now, department=department, deployment=deployment, model="m",
+                    endpoint="chat", status=status, ttft_ms=ttft)
+        for i, (department, deployment, status, ttft) in enumerate(rows)
+    ])  # fmt: skip
+    UsageRecord.objects.create(stream_id="old", created_at=now - timedelta(hours=2), department=research,
+                               deployment=chat, model="m", endpoint="chat", status=200, ttft_ms=7000.0)  # fmt: skip
+    chart = admin_client.get(reverse("provisioning:engine-chart", args=["chat"]), {"metric": "gateway_ttft"}).json()
+    lines = {line["label"]: [value for _at, value in line["points"]] for line in chart["series"]}
+    # Refused requests, other deployments, requests with no first token and the older hour are left out.
+    assert lines == {"Marketing p50": [400.0], "Marketing p99": [600.0], "Research p50": [50.0], "Research p99": [99.0]}
+    assert chart["unit"] == "ms"
+    day_chart = admin_client.get(
+        reverse("provisioning:engine-chart", args=["chat"]), {"metric": "gateway_ttft", "range": "24h"}
+    )
+    day = {line["label"]: line["points"] for line in day_chart.json()["series"]}
+    assert [value for _at, value in day["Research p50"]] == [7000.0, 50.0]  # two quarter-hours, in time order
