@@ -266,6 +266,9 @@ GATEWAY_DEFAULT_MAX_TOKENS = env_int("GATEWAY_DEFAULT_MAX_TOKENS", 1024, minimum
 # Requests in flight per replica before new ones queue by priority, and how long they may wait.
 GATEWAY_REPLICA_CAPACITY = env_int("GATEWAY_REPLICA_CAPACITY", 64, minimum=1, maximum=100_000)
 GATEWAY_QUEUE_SECONDS = env_int("GATEWAY_QUEUE_SECONDS", 30, minimum=0, maximum=3600)
+# Requests that may wait per replica (of a class and the better ones); beyond it a request is refused
+# at once (429 queue_full) instead of waiting for a timeout. 0: no cap.
+GATEWAY_MAX_QUEUE = env_int("GATEWAY_MAX_QUEUE", 256, minimum=0, maximum=1_000_000)
 # While a higher priority class is active (sent a request in the last window), normal and low
 # departments may hold only these shares of a deployment's capacity (a low burst cannot fill it).
 GATEWAY_NORMAL_SHARE_PERCENT = env_int("GATEWAY_NORMAL_SHARE_PERCENT", 75, minimum=1, maximum=100)

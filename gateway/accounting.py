@@ -193,12 +193,17 @@ async def account(state: Any, call: Call) -> None:
     settle = state.limiter.settle_call(key.department_id, key.limits, decision, used) if decision else None
     spool: Spool = state.spool
     ticket = call.ticket
-    release = (lambda pipe: state.balancer.release_in(pipe, ticket)) if ticket is not None else None
+    # What the engine took to start streaming (queueing in the gateway left out) teaches admission; a
+    # whole answer's time says more of its length than of the engine's load.
+    answered = call.status == 200 and call.first_byte and shaped.stream
+    engine_ttft = call.first_byte - call.upstream_sent if answered else None
+    target = route.ttft_target if route else None
+    release = (lambda pipe: state.balancer.release_in(pipe, ticket, engine_ttft, target)) if ticket else None
     try:
         if spool.items:
             raise redis.exceptions.ConnectionError("earlier settlements still spooled")  # keep them in order
         if not await send(state.redis, state.limiter, settle, fields, release):
-            await state.balancer.release(ticket)  # e.g. Redis lost the script: alone (which loads it)
+            await state.balancer.release(ticket, engine_ttft, target)  # e.g. Redis lost the script: alone
     except (redis.RedisError, OSError) as exc:
         log.warning("Redis refused a settlement (%s); spooled for retry (department %s)", type(exc).__name__,
                     key.department)  # fmt: skip

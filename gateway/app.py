@@ -31,7 +31,7 @@ from django.conf import settings
 
 from gateway import accounting, admission, relay
 from gateway.admission import ENDPOINTS, Shaped
-from gateway.balancer import Balancer, QueueTimeout, Ticket
+from gateway.balancer import Balancer, QueueFull, QueueTimeout, Ticket
 from gateway.directory import Directory, KeyInfo, ReplicaRoute, Route, priority_rank
 from gateway.errors import GatewayError
 from tenancy.limiter import AsyncLimiter, Decision
@@ -83,7 +83,8 @@ class State:
         self.directory = Directory()
         shares = (1.0, settings.GATEWAY_NORMAL_SHARE_PERCENT / 100, settings.GATEWAY_LOW_SHARE_PERCENT / 100)
         self.balancer = Balancer(self.redis, settings.GATEWAY_REPLICA_CAPACITY, shares=shares,
-                                 window=settings.GATEWAY_PRIORITY_WINDOW_SECONDS)  # fmt: skip
+                                 window=settings.GATEWAY_PRIORITY_WINDOW_SECONDS,
+                                 max_queue=settings.GATEWAY_MAX_QUEUE)  # fmt: skip
         self.spool = accounting.Spool()
         self.spool.adopt()
         self.retrying = asyncio.ensure_future(self.retry_spooled())
@@ -231,8 +232,9 @@ class GatewayApp:
         try:
             call.ticket = await state.balancer.admit(route.deployment_id, route.replicas, rank, prefix,
                                                      settings.GATEWAY_QUEUE_SECONDS)  # fmt: skip
-        except QueueTimeout:
-            raise GatewayError(429, f"'{route.name}' is saturated; try again shortly.", "queue_timeout",
+        except QueueTimeout as exc:
+            code = "queue_full" if isinstance(exc, QueueFull) else "queue_timeout"
+            raise GatewayError(429, f"'{route.name}' is saturated; try again shortly.", code,
                                headers=[(b"retry-after", b"1")]) from None  # fmt: skip
         except (redis.RedisError, OSError):
             raise GatewayError(503, "Queue state is unavailable; the gateway refuses requests until it is back.",

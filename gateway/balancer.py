@@ -9,8 +9,19 @@ another replica after a failure, release), so no two processes can both take the
   ``GATEWAY_REPLICA_CAPACITY``). While a higher class has sent a request in the last ``window``
   seconds, a lower class may hold only its share of it (``GATEWAY_NORMAL_SHARE_PERCENT``,
   ``GATEWAY_LOW_SHARE_PERCENT``); with no higher class around any class may use everything.
+- **Safe concurrency.** What the engine does with a request decides what the share alone cannot:
+  on an engine whose step time grows with its batch, a lower class that fills its share still slows
+  every higher request. So each deployment learns how many requests in flight keep the higher
+  classes' time to first token where it was (``safe``, in Redis, learned from every answered
+  request of a class with a lower class beneath it): an answer that took longer than the
+  deployment's target (or, with none, than ``tolerance`` times the learned typical time) lowers
+  ``safe`` at once (×``DECREASE``); one in time raises it slowly, and only while the limit was what
+  held the lower classes back, so a calm hour never teaches room that was never tried. While a
+  higher class is active, a lower class is admitted only below both its share and ``safe``; the
+  higher classes themselves are never held by it.
 - **Queue.** A request that finds no room waits in the deployment's queue, ordered by class (high
-  first) then arrival, for at most the queue timeout; then the caller answers 429. Whoever frees
+  first) then arrival, for at most the queue timeout; then the caller answers 429. One that finds
+  ``max_queue`` (per replica) of its class or better waiting already is refused at once. Whoever frees
   room (a release, or a grant that left room) publishes the head waiter's token; the process that
   owns it tries again at once. Every waiter also retries every ``poll`` seconds (a lost message, a
   window that ran out) and renews its place; a waiter not renewed for ``wait_ttl`` (its process
@@ -32,6 +43,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio
 
@@ -43,6 +55,11 @@ WAKE_CHANNEL = "gw:gate:wake"  # also named in the scripts
 
 class QueueTimeout(Exception):
     pass
+
+
+class QueueFull(QueueTimeout):
+    """As many requests of this class or better wait already as the queue holds: refused at once
+    (they would time out; waiting, they would only cost every process their polling)."""
 
 
 # Shared by the scripts: now (ms, Redis clock) and the replica choice among KEYS[first..].
@@ -71,10 +88,11 @@ local function wake(held, wait, capacity)
 end
 """
 
-# KEYS: held, wait, wait-expiry, seen, sequence, replica 1..n
+# KEYS: held, wait, wait-expiry, seen, sequence, control, replica 1..n
 # ARGV: token, rank, capacity, limit while a higher class is active, window ms, lease ms, wait ttl ms,
-#       preferred replica (1-based, 0: none), slack
-# Returns the chosen replica (1-based) when admitted, 0 when the request waits (it is then queued).
+#       preferred replica (1-based, 0: none), slack, most waiting of this class and better (0: no cap)
+# Returns the chosen replica (1-based) when admitted, 0 when the request waits (it is then queued), -1
+# when the queue ahead of it is full (it is not queued).
 ADMIT = (
     _COMMON
     + """
@@ -92,7 +110,8 @@ local limit = capacity
 for r = 0, rank - 1 do
   local seen = redis.call('HGET', KEYS[4], r)
   if seen and now - tonumber(seen) < window then
-    limit = lower
+    local safe = tonumber(redis.call('HGET', KEYS[6], 'safe') or capacity)
+    limit = math.max(1, math.min(lower, math.floor(safe)))
     break
   end
 end
@@ -111,9 +130,11 @@ if ahead == 0 and redis.call('ZCARD', KEYS[1]) < limit then
     redis.call('ZREM', KEYS[3], token)
   end
   wake(KEYS[1], KEYS[2], capacity)
-  return pick(6, token, lease, tonumber(ARGV[8]), tonumber(ARGV[9]))
+  return pick(7, token, lease, tonumber(ARGV[8]), tonumber(ARGV[9]))
 end
 if not score then
+  local most = tonumber(ARGV[10])
+  if most > 0 and ahead >= most then return -1 end
   local n = redis.call('INCR', KEYS[5])
   redis.call('PEXPIRE', KEYS[5], 86400000)
   redis.call('ZADD', KEYS[2], string.format('%d', rank * 1e15 + n), token)
@@ -134,15 +155,35 @@ return pick(2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 """
 )
 
-# KEYS: held, replica, wait, wait-expiry. ARGV: token, capacity. Also a request that gave up waiting.
+# KEYS: held, replica, wait, wait-expiry, control. ARGV: token, capacity, and for an answered request of
+# a class with a lower class beneath it: its engine time to first token (ms, else -1), the target (ms,
+# 0: learn), tolerance, held when it was admitted. Also a request that gave up waiting.
 RELEASE = (
     _COMMON
     + """
+local capacity = tonumber(ARGV[2])
+local held_before = redis.call('ZCARD', KEYS[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
-wake(KEYS[1], KEYS[3], tonumber(ARGV[2]))
+local ttft = tonumber(ARGV[3] or '-1')
+if ttft >= 0 then
+  local safe = tonumber(redis.call('HGET', KEYS[5], 'safe') or capacity)
+  local typical = tonumber(redis.call('HGET', KEYS[5], 'typical') or ttft)
+  local target, tolerance = tonumber(ARGV[4]), tonumber(ARGV[5])
+  local bound = target > 0 and target or typical * tolerance
+  if ttft > bound then
+    safe = math.max(1, safe * DECREASE)
+  elseif held_before >= math.floor(safe) - 1 then
+    safe = math.min(capacity, safe + INCREASE / math.max(1, safe))
+  end
+  -- The typical time: a median followed slowly (frugal streaming), so a burst cannot teach it much.
+  if ttft > typical then typical = typical * (1 + LEARN) else typical = typical * (1 - LEARN) end
+  redis.call('HSET', KEYS[5], 'safe', safe, 'typical', typical)
+  redis.call('PEXPIRE', KEYS[5], 86400000)
+end
+wake(KEYS[1], KEYS[3], capacity)
 return 1
 """
 )
@@ -162,9 +203,15 @@ return 1
 )
 
 
+# The safe concurrency's steps: down at once by a fifth on a late answer, up by INCREASE per ``safe``
+# answers in time; the typical time follows the median by LEARN per answer.
+DECREASE, INCREASE, LEARN = 0.8, 1.0, 0.02
+RELEASE = RELEASE.replace("DECREASE", str(DECREASE)).replace("INCREASE", str(INCREASE)).replace("LEARN", str(LEARN))
+
+
 def _keys(deployment_id: int) -> list[str]:
     tag = f"{{gate:{deployment_id}}}"  # one hash tag: a deployment's keys live on one Redis node
-    return [f"{tag}:held", f"{tag}:wait", f"{tag}:wexp", f"{tag}:seen", f"{tag}:seq"]
+    return [f"{tag}:held", f"{tag}:wait", f"{tag}:wexp", f"{tag}:seen", f"{tag}:seq", f"{tag}:ctl"]
 
 
 def replica_key(deployment_id: int, replica_id: int) -> str:
@@ -179,18 +226,20 @@ class Ticket:
     token: str
     capacity: int
     replica: ReplicaRoute
+    rank: int = 0
 
 
 class Balancer:
     def __init__(
         self, client: redis.asyncio.Redis, capacity_per_replica: int, slack: int = 4,
         shares: tuple[float, ...] = (1.0, 1.0, 1.0), window: float = 10.0, lease: float = 30.0,
-        poll: float = 0.5, wait_ttl: float = 3.0,
+        poll: float = 0.5, wait_ttl: float = 3.0, tolerance: float = 1.2, max_queue: int = 0,
     ) -> None:  # fmt: skip
         self.client = client
         self.capacity_per_replica, self.slack = capacity_per_replica, slack
         self.shares, self.window = shares, window
         self.lease, self.poll, self.wait_ttl = lease, poll, wait_ttl
+        self.tolerance, self.max_queue = tolerance, max_queue  # max_queue: per replica, 0: no cap
         self.down_until: dict[int, float] = {}
         self.held: dict[str, Ticket] = {}
         self.waiting: dict[str, asyncio.Future] = {}
@@ -244,10 +293,13 @@ class Balancer:
                 woken = self.waiting[token] = asyncio.get_running_loop().create_future()
                 keys = [*_keys(deployment_id), *(replica_key(deployment_id, r.pk) for r in usable)]
                 args = [token, rank, capacity, self.limit(capacity, rank), ms(self.window), ms(self.lease),
-                        ms(self.wait_ttl), self.preferred(usable, prefix), self.slack]  # fmt: skip
+                        ms(self.wait_ttl), self.preferred(usable, prefix), self.slack,
+                        len(replicas) * self.max_queue]  # fmt: skip
                 chosen = await self.admit_script(keys=keys, args=args)
+                if chosen == -1:
+                    raise QueueFull
                 if chosen:
-                    ticket = Ticket(deployment_id, token, capacity, usable[int(chosen) - 1])
+                    ticket = Ticket(deployment_id, token, capacity, usable[int(chosen) - 1], rank)
                     self.held[token] = ticket
                     return ticket
                 left = deadline - time.monotonic()
@@ -275,25 +327,44 @@ class Balancer:
         ticket.replica = usable[int(chosen) - 1]
         return ticket.replica
 
-    async def release(self, ticket: Ticket) -> None:
-        self.held.pop(ticket.token, None)
-        await asyncio.shield(self._release(ticket.deployment_id, ticket.token, ticket.capacity, ticket.replica.pk))
+    def _observation(self, ticket: Ticket, ttft: float | None, target: float | None) -> list[Any]:
+        """The release's feedback to the safe concurrency: only answers of the classes above the
+        lowest teach it (the lowest is what it holds back)."""
+        if ttft is None or ticket.rank >= len(self.shares) - 1:
+            return []
+        return [round(ttft * 1000, 3), round((target or 0) * 1000, 3), self.tolerance]
 
-    def release_in(self, pipe: redis.asyncio.client.Pipeline, ticket: Ticket) -> None:
+    async def release(self, ticket: Ticket, ttft: float | None = None, target: float | None = None) -> None:
+        """Give the room back; ``ttft`` (seconds, engine side) and the deployment's p99 TTFT ``target``
+        teach the safe concurrency."""
+        self.held.pop(ticket.token, None)
+        await asyncio.shield(self._release(ticket.deployment_id, ticket.token, ticket.capacity, ticket.replica.pk,
+                                           self._observation(ticket, ttft, target)))  # fmt: skip
+
+    def release_in(self, pipe: redis.asyncio.client.Pipeline, ticket: Ticket, ttft: float | None = None,
+                   target: float | None = None) -> None:  # fmt: skip
         """Queue the release on ``pipe`` (the settlement's round trip, gateway/accounting.py). When
         Redis lost the script meanwhile the pipeline answers NoScriptError: call ``release`` then."""
         self.held.pop(ticket.token, None)
-        held, wait, wexp = _keys(ticket.deployment_id)[:3]
-        keys = [held, replica_key(ticket.deployment_id, ticket.replica.pk), wait, wexp]
-        pipe.evalsha(self.release_script.sha, len(keys), *keys, ticket.token, ticket.capacity)
+        held, wait, wexp, *_rest, control = _keys(ticket.deployment_id)
+        keys = [held, replica_key(ticket.deployment_id, ticket.replica.pk), wait, wexp, control]
+        pipe.evalsha(self.release_script.sha, len(keys), *keys, ticket.token, ticket.capacity,
+                     *self._observation(ticket, ttft, target))  # fmt: skip
 
-    async def _release(self, deployment_id: int, token: str, capacity: int, replica_id: int | None) -> None:
-        held, wait, wexp = _keys(deployment_id)[:3]
+    async def _release(self, deployment_id: int, token: str, capacity: int, replica_id: int | None,
+                       observation: list[Any] | None = None) -> None:  # fmt: skip
+        held, wait, wexp, *_rest, control = _keys(deployment_id)
         replica = replica_key(deployment_id, replica_id or 0)
         try:
-            await self.release_script(keys=[held, replica, wait, wexp], args=[token, capacity])
+            await self.release_script(keys=[held, replica, wait, wexp, control],
+                                      args=[token, capacity, *(observation or [])])  # fmt: skip
         except (redis.RedisError, OSError) as exc:  # the lease runs out instead
             log.warning("could not give back room on deployment %s (%s)", deployment_id, exc)
+
+    async def safe(self, deployment_id: int) -> tuple[float | None, float | None]:
+        """The learned safe concurrency and typical time to first token (ms) of a deployment."""
+        found = await self.client.hmget(_keys(deployment_id)[5], "safe", "typical")
+        return tuple(float(v) if v is not None else None for v in found)  # type: ignore[return-value]
 
     async def in_flight(self, deployment_id: int, replica_id: int | None = None) -> int:
         """Requests in flight on a deployment (or one of its replicas), over all processes."""

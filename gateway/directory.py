@@ -58,6 +58,7 @@ class Route:
     created: int
     context: int | None = None  # the deployment's max_model_len, when set: bounds every reservation
     media: bool = False  # image/audio/video parts accepted (the engine runs with --limit-mm-per-prompt)
+    ttft_target: float | None = None  # seconds: the deployment's p99 TTFT target (admission holds it)
 
 
 @dataclass
@@ -137,6 +138,7 @@ def _load_routes() -> dict[str, Route]:
         table[deployment.name] = Route(
             pk, deployment.name, able.priority_scheduling, tuple(routes.get(pk, ()) if running else ()),
             int(deployment.created_at.timestamp()), deployment.max_model_len or None, able.media,
+            deployment.target_ttft_p99_ms / 1000 if deployment.target_ttft_p99_ms else None,
         )  # fmt: skip
     return table
 

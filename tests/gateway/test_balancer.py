@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio
 from django.conf import settings
 
-from gateway.balancer import Balancer, QueueTimeout, Ticket
+from gateway.balancer import Balancer, QueueFull, QueueTimeout, Ticket
 from gateway.directory import ReplicaRoute
 
 ONE = (ReplicaRoute(1, "http://127.0.0.1:9001", "k"),)
@@ -164,3 +164,58 @@ def test_redis_down_is_an_error_not_a_free_pass() -> None:
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_full_queue_refuses_at_once_but_never_for_a_better_class() -> None:
+    async def test(a: Balancer, b: Balancer) -> None:
+        first = await a.admit(7, ONE, 2, "", timeout=0.1)
+
+        async def through(balancer: Balancer) -> None:
+            await balancer.release(await balancer.admit(7, ONE, 2, "", timeout=5))
+
+        waiting = [asyncio.ensure_future(through(p)) for p in (a, b)]
+        await asyncio.sleep(0.1)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(QueueFull):
+            await b.admit(7, ONE, 2, "", timeout=5)  # two low ones wait already: refused, not after 5 s
+        assert asyncio.get_running_loop().time() - started < 1
+        high = asyncio.ensure_future(b.admit(7, ONE, 0, "", timeout=5))  # a high one still queues, first
+        await asyncio.sleep(0.1)
+        await a.release(first)
+        served = await high
+        await b.release(served)
+        await asyncio.gather(*waiting)  # the waiting low ones were served after it
+        assert await a.in_flight(7) == 0
+
+    run(test, capacity_per_replica=1, max_queue=2)
+
+
+def test_late_answers_of_a_better_class_shrink_the_room_of_the_lower_ones() -> None:
+    """The safe concurrency: answers of the high class later than the deployment's target lower it
+    (a low request then waits while high is active, though its share would admit it); answers in
+    time while the limit holds the low class back raise it again."""
+
+    async def test(a: Balancer, b: Balancer) -> None:
+        high = await a.admit(7, ONE, 0, "", timeout=0.1)
+        lows = [await b.admit(7, ONE, 2, "", timeout=0.1) for _ in range(3)]  # share: 4 of 8
+        for ticket in lows:
+            await b.release(ticket)
+        for _ in range(6):  # six late high answers (target 100 ms): 8 * 0.8^6 = 2.1 in flight at most
+            ticket = await a.admit(7, ONE, 0, "", timeout=0.1)
+            await a.release(ticket, ttft=0.5, target=0.1)
+        safe, _typical = await a.safe(7)
+        assert 2 <= safe < 3
+        low = await b.admit(7, ONE, 2, "", timeout=0.1)  # the high one and this: 2
+        with pytest.raises(QueueTimeout):
+            await b.admit(7, ONE, 2, "", timeout=0.05)
+        for _ in range(8):  # answers in time while the limit is what holds: up again
+            ticket = await a.admit(7, ONE, 0, "", timeout=0.1)
+            await a.release(ticket, ttft=0.05, target=0.1)
+        assert (await a.safe(7))[0] > safe
+        await b.release(low)
+        await a.release(high)
+        lowest = await b.admit(7, ONE, 2, "", timeout=0.1)
+        await b.release(lowest, ttft=9.0, target=0.1)  # the lowest class's answers teach nothing
+        assert (await a.safe(7))[0] > safe
+
+    run(test, shares=(1.0, 0.75, 0.5))

@@ -55,6 +55,10 @@ def test_parse_reads_the_engines_names_and_tolerates_old_and_missing_ones() -> N
     old = parse(OLD)
     assert old.values["kv_cache"] == 0.75 and set(old.buckets) == {"itl"}
     assert parse("").values == {} and Reading.loads(reading.dumps()) == reading
+    other = "# HELP vllm:iteration_tokens_total x\n# TYPE vllm:iteration_tokens_total histogram\n" + "".join(
+        f'vllm:iteration_tokens_total_bucket{{le="{le}",model_name="m"}} 3.0\n' for le in (1, 8, 64, "+Inf")
+    )
+    assert parse(other + exposition(), at=1000.0) == reading  # what is not read is dropped before parsing
     with pytest.raises(ValueError):
         parse("this is not { an exposition")
 
