@@ -36,6 +36,7 @@ from django.db import transaction
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 from joserfc.errors import JoseError
 
 from appliance.audit import record
@@ -161,11 +162,17 @@ def _exchange(request: HttpRequest) -> dict[str, Any]:
     claims = dict(token["userinfo"])
     if settings.OIDC_GROUPS_CLAIM not in claims or settings.OIDC_USERNAME_CLAIM not in claims:
         try:
-            claims = {**dict(app.userinfo(token=token)), **claims}
+            userinfo = dict(app.userinfo(token=token))
         except (requests.RequestException, OAuthError, ValueError) as exc:
             raise SignInError(
                 _("The identity provider did not give the user's details (userinfo)."), f"userinfo failed: {exc}"
             ) from exc
+        if userinfo.get("sub") != claims.get("sub"):  # OpenID Connect Core 5.3.2: else it is someone else's
+            raise SignInError(
+                _("The identity provider's user details are about someone else. Nobody was signed in."),
+                "userinfo sub differs from the id token's",
+            )
+        claims = {**userinfo, **claims}
     return claims
 
 
@@ -259,7 +266,12 @@ def test_connection() -> dict[str, Any]:
             keys = app.fetch_jwk_set().get("keys", [])
             result.update(ok=bool(keys), keys=len(keys))
             result["message"] = (
-                _("Discovery document and signing keys read; %(keys)d keys found.") % {"keys": len(keys)}
+                ngettext(
+                    "Discovery document and signing keys read; %(keys)d key found.",
+                    "Discovery document and signing keys read; %(keys)d keys found.",
+                    len(keys),
+                )
+                % {"keys": len(keys)}
                 if keys
                 else _("The provider publishes no signing keys.")
             )

@@ -13,7 +13,8 @@ the protocol the console's client (Authlib) speaks to a real provider.
 
 Fake only in what it knows: a few users with passwords and groups (below), one client. The tests
 change them through ``/_fake/...`` (groups of a user, a redirect URI to allow, and a way to
-misbehave: an ID token with a bad signature, another audience, another nonce or another issuer).
+misbehave: an ID token with a bad signature, another audience, another nonce or another issuer, or
+userinfo about another subject).
 
 Run: ``python tests/appliance/oidc_provider.py PORT CLIENT_ID CLIENT_SECRET``; ``FakeOidcProvider``
 starts and stops it as the tests' fixtures do with slapd.
@@ -43,8 +44,12 @@ USERS: dict[str, tuple[str, list[str], str]] = {
     "fiona": ("fiona-pw", ["finance", "staff"], "fiona@example.org"),
     "nobody": ("nobody-pw", ["staff"], "nobody@example.org"),
     "lee": ("lee-pw", ["ml-admins"], "lee@example.org"),
+    # The browser suite's, apart from the LDAP directory's people it also signs in.
+    "olga": ("olga-pw", ["ml-admins"], "olga@example.org"),
+    "farid": ("farid-pw", ["finance"], "farid@example.org"),
+    "norm": ("norm-pw", ["staff"], "norm@example.org"),
 }
-MODES = ("", "bad-signature", "wrong-audience", "wrong-nonce", "wrong-issuer")
+MODES = ("", "bad-signature", "wrong-audience", "wrong-nonce", "wrong-issuer", "userinfo-other-sub")
 
 
 def b64url(data: bytes) -> str:
@@ -282,7 +287,8 @@ class Handler(BaseHTTPRequestHandler):
         if user is None:
             self._json(401, {"error": "invalid_token"}, {"WWW-Authenticate": 'Bearer error="invalid_token"'})
             return
-        self._json(200, {"sub": f"sub-{user}", "preferred_username": user, "email": USERS[user][2],
+        sub = "sub-someone-else" if provider.mode == "userinfo-other-sub" else f"sub-{user}"
+        self._json(200, {"sub": sub, "preferred_username": user, "email": USERS[user][2],
                          "groups": provider.groups[user]})  # fmt: skip
 
     def _control(self, what: str, data: dict[str, Any]) -> None:

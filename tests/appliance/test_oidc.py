@@ -192,6 +192,12 @@ def test_an_id_token_that_does_not_verify_signs_nobody_in(client: Any, oidc: Fak
                                      detail__reason__startswith="id token refused").exists()  # fmt: skip
 
 
+def test_userinfo_about_someone_else_signs_nobody_in(client: Any, oidc: FakeOidcProvider) -> None:
+    oidc.misbehave("userinfo-other-sub")  # the groups come from userinfo: they must be the ID token's person's
+    assert "user details are about someone else" in error_shown(client, sign_in(client, "alice"))
+    assert not get_user_model().objects.filter(username="alice").exists()
+
+
 def test_provider_down_is_a_clear_error_and_local_admin_still_signs_in(
     client: Any, oidc: FakeOidcProvider, settings: Any, admin_user: Any
 ) -> None:
@@ -232,7 +238,7 @@ def test_settings_page_masks_the_secret_and_tests_the_connection(admin_client: A
     assert oidc.issuer in page and CLIENT_ID in page and CLIENT_SECRET not in page and "••••" in page
     assert CALLBACK in page and "ML-Admins" in page and "Finance:viewer" in page
     result = admin_client.post(reverse("directory-oidc-test"), follow=True).content.decode()
-    assert "Discovery document and signing keys read; 1 keys found." in result
+    assert "Discovery document and signing keys read; 1 key found." in result
     api = admin_client.post("/api/v1/directory/oidc/test").json()
     assert api["ok"] and api["keys"] == 1
     shown = admin_client.get("/api/v1/directory/oidc").json()
