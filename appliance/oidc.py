@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -43,7 +42,6 @@ from appliance.audit import record
 from appliance.group_mapping import apply, map_groups, record_sign_in, refusal_message
 from appliance.models import Profile
 
-log = logging.getLogger(__name__)
 SOURCE = Profile.Source.OIDC
 NEXT = "_oidc_next"  # where to go after signing in, kept in the session during the flow
 # The session that an OpenID Connect sign-in opens: Django's own backend loads the user of each
