@@ -7,6 +7,7 @@ with the rule its page twin uses (``appliance.roles.PERMISSIONS``); lists are sc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -21,7 +22,7 @@ from ninja.responses import Status
 from ninja.security import HttpBearer, django_auth
 from pydantic import AfterValidator
 
-from appliance import audit, directory, health
+from appliance import audit, directory, health, oidc
 from appliance.forms import TokenCreateForm, UserCreateForm
 from appliance.models import ApiToken, AuditEvent, Profile
 from appliance.roles import Role, can, role_of
@@ -232,7 +233,7 @@ def set_user_active(request: HttpRequest, user_id: int, payload: ActiveIn) -> An
 
 class DirectoryOut(Schema):
     enabled: bool
-    settings: dict[str, str] = Field(..., description="LDAP_* settings as configured; secrets masked.")
+    settings: dict[str, str] = Field(..., description="LDAP_* (or OIDC_*) settings as configured; secrets masked.")
     role_groups: list[tuple[str, str]]
     department_groups: list[tuple[str, str]]
 
@@ -252,13 +253,37 @@ def directory_settings(request: HttpRequest) -> Any:
             "role_groups": settings.LDAP_ROLE_GROUPS, "department_groups": settings.LDAP_DEPARTMENT_GROUPS}  # fmt: skip
 
 
+def _connection_tested(request: HttpRequest, action: str, test: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    require(request, "directory.view")
+    result = test()
+    audit.record(request, action, outcome="ok" if result["ok"] else "failed", detail={**result, "via": "api"})
+    return result
+
+
 @system.post("/directory/test", response=DirectoryTestOut,
              summary="Bind with the service account and search users and groups (appliance admin)")  # fmt: skip
 def directory_test(request: HttpRequest) -> Any:
+    return _connection_tested(request, "directory.test", directory.test_connection)
+
+
+class OidcTestOut(Schema):
+    ok: bool
+    message: str
+    keys: int
+    seconds: float = 0.0
+
+
+@system.get("/directory/oidc", response=DirectoryOut, summary="OpenID Connect sign-in settings (appliance admin)")
+def oidc_settings(request: HttpRequest) -> Any:
     require(request, "directory.view")
-    result = directory.test_connection()
-    audit.record(request, "directory.test", outcome="ok" if result["ok"] else "failed", detail={**result, "via": "api"})
-    return result
+    return {"enabled": oidc.enabled(), "settings": dict(oidc.shown_settings()),
+            "role_groups": settings.OIDC_ROLE_GROUPS, "department_groups": settings.OIDC_DEPARTMENT_GROUPS}  # fmt: skip
+
+
+@system.post("/directory/oidc/test", response=OidcTestOut,
+             summary="Read the provider's discovery document and signing keys (appliance admin)")  # fmt: skip
+def oidc_test(request: HttpRequest) -> Any:
+    return _connection_tested(request, "directory.oidc_test", oidc.test_connection)
 
 
 class TokenOut(Schema):

@@ -4,13 +4,12 @@
   ``LDAP_USER_FILTER``; the user's password is checked by binding as them; StartTLS
   (``LDAP_START_TLS``) with ``LDAP_CA_FILE`` as the trusted CAs.
 - Their groups (under ``LDAP_GROUP_BASE``) give their role and department memberships at **every**
-  sign-in (``LDAP_ROLE_GROUPS``, ``LDAP_DEPARTMENT_GROUPS``): the highest mapped role wins; with
-  only department groups, a department role (admin if any mapping says admin). Someone removed from
-  a group loses what it gave; someone in no mapped group is refused and their account deactivated.
+  sign-in (``LDAP_ROLE_GROUPS``, ``LDAP_DEPARTMENT_GROUPS``), as ``appliance.group_mapping`` says
+  (shared with OpenID Connect sign-in): someone in no mapped group is refused and deactivated.
 - Local accounts keep working (ModelBackend comes after this one), and a directory user never takes
   over a local account of the same name. A directory that does not answer is a clear error on the
   sign-in page, while local accounts still sign in.
-- Audit events: ``auth.directory_login`` at each directory sign-in (groups, role) and
+- Audit events: ``auth.directory_login`` at each directory sign-in (groups, role, ``via: ldap``) and
   ``auth.directory_mapping`` when it changed the user's role or memberships.
 """
 
@@ -18,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import ldap
@@ -38,12 +35,10 @@ from django_auth_ldap.config import (
     PosixGroupType,
 )
 
-from appliance.audit import record
-from appliance.roles import Role
+from appliance.group_mapping import apply, map_groups, record_sign_in, refusal_message
+from appliance.models import Profile
 
 log = logging.getLogger(__name__)
-# Best first: a user in several mapped groups gets the highest of their roles.
-ROLE_ORDER = (Role.APPLIANCE_ADMIN, Role.OPERATOR, Role.VIEWER, Role.DEPARTMENT_ADMIN, Role.DEPARTMENT_VIEWER)
 GROUP_TYPES = {
     "groupOfNames": lambda: GroupOfNamesType(name_attr="cn"),
     "groupOfUniqueNames": lambda: GroupOfUniqueNamesType(name_attr="cn"),
@@ -57,15 +52,6 @@ GROUP_FILTERS = {
     "activeDirectory": "(objectClass=group)",
 }
 DIRECTORY_ERROR = "_directory_error"  # set on the request when the directory failed during sign-in
-
-_membership_sync: Callable[[Any, Mapping[str, str]], dict[str, list[str]]] | None = None
-
-
-def register_membership_sync(sync: Callable[[Any, Mapping[str, str]], dict[str, list[str]]]) -> None:
-    """Called by the tenancy app: ``sync(user, {department name: "admin"|"viewer"})`` makes the user's
-    memberships exactly those and says what changed (``added``, ``removed``, ``changed``, ``unknown``)."""
-    global _membership_sync
-    _membership_sync = sync
 
 
 def enabled() -> bool:
@@ -103,61 +89,6 @@ def backend_settings() -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class GroupMapping:
-    role: Role | None
-    departments: dict[str, str]  # department name -> "admin" | "viewer"
-    groups: list[str]  # the user's groups that a mapping named
-
-
-def map_groups(group_dns: set[str]) -> GroupMapping:
-    """The role and memberships that these groups give (None: no mapped group)."""
-    groups = {dn.lower() for dn in group_dns}
-    matched: list[str] = []
-    roles: set[Role] = set()
-    for dn, role in settings.LDAP_ROLE_GROUPS:
-        if dn.lower() in groups:
-            roles.add(Role(role))
-            matched.append(dn)
-    departments: dict[str, str] = {}
-    for dn, target in settings.LDAP_DEPARTMENT_GROUPS:
-        if dn.lower() in groups:
-            name, _sep, level = target.rpartition(":")
-            name = name.strip()
-            if departments.get(name) != "admin":
-                departments[name] = level
-            matched.append(dn)
-    role = next((r for r in ROLE_ORDER if r in roles), None)
-    if role is None and departments:
-        role = Role.DEPARTMENT_ADMIN if "admin" in departments.values() else Role.DEPARTMENT_VIEWER
-    return GroupMapping(role, departments, matched)
-
-
-def apply(request: HttpRequest | None, user: Any, mapping: GroupMapping) -> bool:
-    """Give a directory user what their groups map to (False: nothing, and the account is deactivated)."""
-    from appliance.models import Profile
-
-    profile, _created = Profile.objects.get_or_create(user=user, defaults={"source": Profile.Source.LDAP})
-    before = profile.role
-    if mapping.role is None:
-        if user.is_active:
-            user.is_active = False
-            user.save(update_fields=["is_active"])
-        record(request, "auth.directory_mapping", user, actor=user, outcome="denied",
-               detail={"role_before": before, "role": "", "reason": "in no mapped group"})  # fmt: skip
-        return False
-    profile.role, profile.source = mapping.role, Profile.Source.LDAP
-    profile.save(update_fields=["role", "source"])
-    if not user.is_active:
-        user.is_active = True
-        user.save(update_fields=["is_active"])
-    changes = _membership_sync(user, mapping.departments) if _membership_sync else {}
-    if before != mapping.role or any(changes.values()):
-        record(request, "auth.directory_mapping", user, actor=user,
-               detail={"role_before": before, "role": mapping.role.value, **changes})  # fmt: skip
-    return True
-
-
 class DirectoryBackend(LDAPBackend):
     """django-auth-ldap with the console's settings, role and membership mapping, and guards."""
 
@@ -175,14 +106,12 @@ class DirectoryBackend(LDAPBackend):
         user = super().authenticate(request, username=username, password=password, **kwargs)
         if user is None:
             return None
-        mapping = map_groups(set(user.ldap_user.group_dns))
-        if not apply(request, user, mapping):
+        mapping = map_groups(user.ldap_user.group_dns, settings.LDAP_ROLE_GROUPS, settings.LDAP_DEPARTMENT_GROUPS)
+        if not apply(request, user, mapping, Profile.Source.LDAP):
             if request is not None:
-                setattr(request, DIRECTORY_ERROR, _("Your directory account is in no group that this console maps "
-                                                    "to a role. Ask an administrator."))  # fmt: skip
+                setattr(request, DIRECTORY_ERROR, refusal_message())
             return None
-        record(request, "auth.directory_login", user, actor=user,
-               detail={"groups": mapping.groups, "role": mapping.role.value if mapping.role else ""})  # fmt: skip
+        record_sign_in(request, user, mapping, Profile.Source.LDAP)
         return user
 
     # The console is served by ASGI: Django looks up a signed-in user's backend asynchronously, and

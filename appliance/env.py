@@ -93,6 +93,53 @@ def env_mapping(name: str) -> list[tuple[str, str]]:
     return pairs
 
 
+ROLE_NAMES = ("appliance_admin", "operator", "viewer", "department_admin", "department_viewer")
+
+
+def env_role_groups(name: str) -> list[tuple[str, str]]:
+    """``GROUP => ROLE; ...``: directory groups mapped to one of the console's roles."""
+    pairs = env_mapping(name)
+    for group, role in pairs:
+        if role not in ROLE_NAMES:
+            raise ImproperlyConfigured(f"{name} maps {group!r} to {role!r}: expected appliance_admin, operator, "
+                                       "viewer, department_admin or department_viewer.")  # fmt: skip
+    return pairs
+
+
+def env_department_groups(name: str) -> list[tuple[str, str]]:
+    """``GROUP => Department name:admin|viewer; ...``: directory groups mapped to department memberships."""
+    pairs = env_mapping(name)
+    for group, target in pairs:
+        department, _sep, level = target.rpartition(":")
+        if level not in ("admin", "viewer") or not department.strip():
+            raise ImproperlyConfigured(f"{name} maps {group!r} to {target!r}: expected "
+                                       "'Department name:admin' or 'Department name:viewer'.")  # fmt: skip
+    return pairs
+
+
+def check_oidc_settings(issuer: str, client_id: str, client_secret: str, scopes: str) -> None:
+    """OpenID Connect sign-in needs an issuer URL (https, or http on this machine only: the provider's
+    tokens and the client secret must not cross a network in clear), a client id and secret, and the
+    ``openid`` scope. Nothing is checked while ``OIDC_ISSUER`` is unset (sign-in off)."""
+    if not issuer:
+        return
+    parts = urlsplit(issuer)
+    try:
+        parts.port  # noqa: B018 - urllib raises on a non-numeric port only when asked
+    except ValueError:
+        raise _bad("OIDC_ISSUER", issuer, "a URL with a numeric port") from None
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if not parts.hostname or parts.scheme not in ("https", "http") or (parts.scheme == "http" and not loopback):
+        raise _bad("OIDC_ISSUER", issuer, "an https:// URL (http:// only for a provider on this machine)")
+    if parts.query or parts.fragment:
+        raise _bad("OIDC_ISSUER", issuer, "the issuer URL without a query or fragment")
+    for name, value in (("OIDC_CLIENT_ID", client_id), ("OIDC_CLIENT_SECRET", client_secret)):
+        if not value:
+            raise ImproperlyConfigured(f"Setting {name} is missing: OpenID Connect sign-in (OIDC_ISSUER) needs it.")
+    if "openid" not in scopes.split():
+        raise _bad("OIDC_SCOPES", scopes, "space-separated scopes including 'openid'")
+
+
 def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = env_str(name, default)
     if value not in choices:

@@ -28,9 +28,13 @@ class Profile(models.Model):
     class Source(models.TextChoices):
         LOCAL = "local", _("Local account")
         LDAP = "ldap", _("Directory (LDAP)")
+        OIDC = "oidc", _("Directory (OpenID Connect)")
 
     # A directory user's role and memberships are the directory's: set again at every sign-in.
     source = models.CharField(max_length=16, choices=Source.choices, default=Source.LOCAL)
+    # The provider's stable id of an OpenID Connect user ("<issuer> <sub>"): a user name the provider
+    # later gives someone else never signs that someone in to this account.
+    subject = models.CharField(max_length=512, blank=True)
 
     def __str__(self) -> str:
         return f"{self.user} ({self.get_role_display()})"

@@ -11,14 +11,16 @@ from django.utils.translation import gettext_lazy as _
 from kombu import Queue
 
 from appliance.env import (
+    check_oidc_settings,
     env_bool,
     env_choice,
     env_currency,
+    env_department_groups,
     env_int,
     env_list,
-    env_mapping,
     env_node_name,
     env_path,
+    env_role_groups,
     env_str,
     env_url,
     secret_key,
@@ -159,17 +161,22 @@ LDAP_GROUP_BASE = env_str("LDAP_GROUP_BASE", "")
 LDAP_GROUP_TYPE = env_choice(
     "LDAP_GROUP_TYPE", "groupOfNames", ("groupOfNames", "groupOfUniqueNames", "posixGroup", "activeDirectory")
 )
-LDAP_ROLE_GROUPS = env_mapping("LDAP_ROLE_GROUPS")  # group DN => role
-LDAP_DEPARTMENT_GROUPS = env_mapping("LDAP_DEPARTMENT_GROUPS")  # group DN => Department:admin|viewer
-for _dn, _role in LDAP_ROLE_GROUPS:
-    if _role not in ("appliance_admin", "operator", "viewer", "department_admin", "department_viewer"):
-        raise ImproperlyConfigured(f"LDAP_ROLE_GROUPS maps {_dn!r} to {_role!r}: expected appliance_admin, operator, "
-                                   "viewer, department_admin or department_viewer.")  # fmt: skip
-for _dn, _target in LDAP_DEPARTMENT_GROUPS:
-    if _target.rpartition(":")[2] not in ("admin", "viewer") or not _target.rpartition(":")[0].strip():
-        raise ImproperlyConfigured(f"LDAP_DEPARTMENT_GROUPS maps {_dn!r} to {_target!r}: expected "
-                                   "'Department name:admin' or 'Department name:viewer'.")  # fmt: skip
+LDAP_ROLE_GROUPS = env_role_groups("LDAP_ROLE_GROUPS")  # group DN => role
+LDAP_DEPARTMENT_GROUPS = env_department_groups("LDAP_DEPARTMENT_GROUPS")  # group DN => Department:admin|viewer
 LDAP_TIMEOUT_SECONDS = env_int("LDAP_TIMEOUT_SECONDS", 5, minimum=1, maximum=120)
+# Directory sign-in by OpenID Connect (authorization code with PKCE; appliance/oidc.py), off while
+# OIDC_ISSUER is empty. The provider's groups claim maps like the LDAP groups (README, "Directory sign-in").
+OIDC_ISSUER = env_str("OIDC_ISSUER", "").rstrip("/")
+OIDC_CLIENT_ID = env_str("OIDC_CLIENT_ID", "")
+OIDC_CLIENT_SECRET = env_str("OIDC_CLIENT_SECRET", "")
+OIDC_SCOPES = env_str("OIDC_SCOPES", "openid profile email")
+OIDC_GROUPS_CLAIM = env_str("OIDC_GROUPS_CLAIM", "groups")  # in the ID token or, if not there, in userinfo
+OIDC_USERNAME_CLAIM = env_str("OIDC_USERNAME_CLAIM", "preferred_username")
+OIDC_BUTTON_LABEL = env_str("OIDC_BUTTON_LABEL", "OpenID Connect")  # "Sign in with <label>"
+OIDC_ROLE_GROUPS = env_role_groups("OIDC_ROLE_GROUPS")  # group => role
+OIDC_DEPARTMENT_GROUPS = env_department_groups("OIDC_DEPARTMENT_GROUPS")  # group => Department:admin|viewer
+OIDC_TIMEOUT_SECONDS = env_int("OIDC_TIMEOUT_SECONDS", 5, minimum=1, maximum=120)
+check_oidc_settings(OIDC_ISSUER, OIDC_CLIENT_ID, OIDC_CLIENT_SECRET, OIDC_SCOPES)
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -9,12 +9,14 @@ from appliance.forms import LoginForm
 from appliance.passwords import PasswordChangeView
 from models_catalog import mirror
 
-LOGIN = auth_views.LoginView.as_view(redirect_authenticated_user=True, authentication_form=LoginForm)
+LOGIN = views.LoginView.as_view(redirect_authenticated_user=True, authentication_form=LoginForm)
 
 urlpatterns = [
     path("healthz", views.healthz, name="healthz"),
     path("metrics", views.metrics, name="metrics"),
     path("login/", LOGIN, name="login"),
+    path("login/oidc/", views.oidc_login, name="oidc-login"),
+    path("login/oidc/callback", views.oidc_callback, name="oidc-callback"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("settings/password/", PasswordChangeView.as_view(), name="password-change"),
     path("i18n/", include("django.conf.urls.i18n")),
@@ -24,6 +26,7 @@ urlpatterns = [
     path("settings/users/", views.user_list, name="users"),
     path("settings/directory/", views.directory_settings, name="directory"),
     path("settings/directory/test", views.directory_test, name="directory-test"),
+    path("settings/directory/oidc-test", views.oidc_test, name="directory-oidc-test"),
     path("settings/users/new", views.user_create, name="user-create"),
     path("settings/users/<int:user_id>/role", views.user_set_role, name="user-set-role"),
     path("settings/users/<int:user_id>/active", views.user_toggle_active, name="user-toggle-active"),

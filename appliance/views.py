@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
+from django.contrib.auth import views as auth_views
 from django.core.paginator import Paginator
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.translation import gettext as _
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from appliance import audit, directory, health
+from appliance import audit, directory, health, oidc
 from appliance.forms import AuditFilterForm, RoleForm, TokenCreateForm, UserCreateForm
 from appliance.models import ApiToken, AuditEvent, Profile
 from appliance.roles import Role, requires, role_of
@@ -51,21 +55,74 @@ def audit_log(request: HttpRequest) -> HttpResponse:
 @require_GET
 @requires("directory.view")
 def directory_settings(request: HttpRequest) -> HttpResponse:
-    """Directory sign-in as configured (read-only, secrets masked), with its group mappings."""
+    """Directory sign-in as configured (read-only, secrets masked), with its group mappings: LDAP and
+    OpenID Connect."""
     context = {"enabled": directory.enabled(), "shown": directory.shown_settings(),
                "role_groups": settings.LDAP_ROLE_GROUPS, "department_groups": settings.LDAP_DEPARTMENT_GROUPS,
-               "nav": "settings"}  # fmt: skip
+               "oidc_enabled": oidc.enabled(), "oidc_shown": oidc.shown_settings(),
+               "oidc_callback": oidc.callback_url(request), "oidc_role_groups": settings.OIDC_ROLE_GROUPS,
+               "oidc_department_groups": settings.OIDC_DEPARTMENT_GROUPS, "nav": "settings"}  # fmt: skip
     return render(request, "appliance/directory.html", context)
+
+
+def _connection_tested(request: HttpRequest, action: str, result: dict[str, Any]) -> HttpResponse:
+    audit.record(request, action, outcome="ok" if result["ok"] else "failed", detail=result)
+    say = messages.success if result["ok"] else messages.error
+    say(request, f"{result['message']} ({result.get('seconds', 0)} s)")
+    return redirect("directory")
 
 
 @require_POST
 @requires("directory.view")
 def directory_test(request: HttpRequest) -> HttpResponse:
-    result = directory.test_connection()
-    audit.record(request, "directory.test", outcome="ok" if result["ok"] else "failed", detail=result)
-    say = messages.success if result["ok"] else messages.error
-    say(request, f"{result['message']} ({result.get('seconds', 0)} s)")
-    return redirect("directory")
+    return _connection_tested(request, "directory.test", directory.test_connection())
+
+
+@require_POST
+@requires("directory.view")
+def oidc_test(request: HttpRequest) -> HttpResponse:
+    return _connection_tested(request, "directory.oidc_test", oidc.test_connection())
+
+
+class LoginView(auth_views.LoginView):
+    """Django's sign-in page, with the "Sign in with …" button when OpenID Connect is on."""
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        context.update(oidc_enabled=oidc.enabled(), oidc_label=settings.OIDC_BUTTON_LABEL)
+        return context
+
+
+def _safe_next(request: HttpRequest, url: str) -> str:
+    allowed = url_has_allowed_host_and_scheme(url, {request.get_host()}, require_https=request.is_secure())
+    return url if url and allowed else ""
+
+
+def _oidc_step(request: HttpRequest, step: Callable[[], str]) -> HttpResponse:
+    """Redirect to where ``step`` says, or back to the sign-in page saying why not."""
+    if not oidc.enabled():
+        messages.error(request, _("OpenID Connect sign-in is off."))
+        return redirect("login")
+    try:
+        return redirect(step())
+    except oidc.SignInError as error:
+        oidc.failed(request, error)
+        messages.error(request, error.message)
+        return redirect("login")
+
+
+@require_GET
+@never_cache
+def oidc_login(request: HttpRequest) -> HttpResponse:
+    """The "Sign in with …" button: off to the identity provider (OpenID Connect, authorization code with PKCE)."""
+    return _oidc_step(request, lambda: oidc.start(request, _safe_next(request, request.GET.get("next", ""))))
+
+
+@require_GET
+@never_cache
+def oidc_callback(request: HttpRequest) -> HttpResponse:
+    """Where the identity provider sends the browser back: signed in, or the sign-in page saying why not."""
+    return _oidc_step(request, lambda: _safe_next(request, oidc.finish(request)) or settings.LOGIN_REDIRECT_URL)
 
 
 @require_GET

@@ -7,7 +7,7 @@ class TenancyConfig(AppConfig):
     name = "tenancy"
 
     def ready(self) -> None:
-        from appliance.directory import register_membership_sync
+        from appliance.group_mapping import register_membership_sync
         from appliance.roles import register_department_events, register_department_lookup
 
         def member_departments(user: object) -> dict[int, str]:

@@ -21,6 +21,8 @@ NOT_PAGES = {
     "healthz": "liveness probe for the process manager, no session",
     "metrics": "Prometheus scrape endpoint, its own token",
     "login": "signing in",
+    "oidc-login": "signing in (OpenID Connect: off to the identity provider)",
+    "oidc-callback": "signing in (OpenID Connect: back from the identity provider)",
     "logout": "signing out",
     "password-change": "any signed-in user changes their own password",
     "hf-mirror": "hub-compatible mirror for engines and peer appliances, its own key check",

@@ -25,6 +25,7 @@ SOURCE = {"name": "s", "url": "https://s.example.com"}
 TWINS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     # Users and API tokens
     "directory-test": ("POST", "/api/v1/directory/test", None),
+    "directory-oidc-test": ("POST", "/api/v1/directory/oidc/test", None),
     "user-create": ("POST", "/api/v1/users", {"username": "newbie", "role": "viewer"}),
     "user-set-role": ("POST", "/api/v1/users/{user_id}/role", {"role": "viewer"}),
     "user-toggle-active": ("POST", "/api/v1/users/{user_id}/active", {"active": False}),

@@ -59,7 +59,7 @@ def test_directory_admin_signs_in_with_the_mapped_role(client: Any, directory: S
     assert alice.email == "alice@example.org" and not alice.has_usable_password()
     assert client.get(reverse("users")).status_code == 200  # an admin's page
     event = AuditEvent.objects.get(action="auth.directory_login", actor=alice)
-    assert event.detail == {"groups": [f"cn=ml-admins,{GROUPS}"], "role": "appliance_admin"}
+    assert event.detail == {"groups": [f"cn=ml-admins,{GROUPS}"], "role": "appliance_admin", "via": "ldap"}
     assert AuditEvent.objects.filter(action="auth.directory_mapping", actor=alice).exists()
 
 

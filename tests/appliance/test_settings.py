@@ -44,6 +44,15 @@ def run_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
         ("LDAP_ROLE_GROUPS", "cn=ml-admins,dc=example,dc=org => root"),
         ("LDAP_ROLE_GROUPS", "cn=ml-admins,dc=example,dc=org"),
         ("LDAP_DEPARTMENT_GROUPS", "cn=finance,dc=example,dc=org => Finance:owner"),
+        ("OIDC_ISSUER", "ftp://sso.example.org"),
+        ("OIDC_ISSUER", "http://sso.example.org/realms/console"),  # tokens in clear over the network
+        ("OIDC_ISSUER", "https://sso.example.org:port/"),
+        ("OIDC_ISSUER", "https://sso.example.org/?realm=x"),
+        ("OIDC_ISSUER", "https://sso.example.org"),  # without OIDC_CLIENT_ID (and secret)
+        ("OIDC_ROLE_GROUPS", "ml-admins => root"),
+        ("OIDC_ROLE_GROUPS", "ml-admins"),
+        ("OIDC_DEPARTMENT_GROUPS", "finance => Finance"),
+        ("OIDC_TIMEOUT_SECONDS", "0"),
     ],
 )
 def test_malformed_setting_stops_start_up_naming_it(tmp_path: Path, name: str, value: str) -> None:
@@ -55,8 +64,29 @@ def test_malformed_setting_stops_start_up_naming_it(tmp_path: Path, name: str, v
         assert value not in result.stderr
 
 
+OIDC = {"OIDC_ISSUER": "https://sso.example.org/realms/console", "OIDC_CLIENT_ID": "console",
+        "OIDC_CLIENT_SECRET": "s3cret"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        ("OIDC_CLIENT_ID", "", "OIDC_CLIENT_ID is missing"),
+        ("OIDC_CLIENT_SECRET", "", "OIDC_CLIENT_SECRET is missing"),
+        ("OIDC_SCOPES", "profile email", "OIDC_SCOPES"),
+    ],
+)
+def test_an_incomplete_oidc_setting_stops_start_up_naming_it(tmp_path: Path, name: str, value: str, said: str) -> None:
+    result = run_check(tmp_path, **{**OIDC, name: value})
+    assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "s3cret" not in result.stderr
+
+
 def test_good_settings_start(tmp_path: Path) -> None:
     result = run_check(tmp_path, NODE_NAME="gpu-box-1", ALLOWED_HOSTS="console.lan,127.0.0.1", DEBUG="no")
+    assert result.returncode == 0, result.stderr
+    result = run_check(tmp_path, **OIDC, OIDC_ROLE_GROUPS="ml-admins => appliance_admin",
+                       OIDC_DEPARTMENT_GROUPS="finance => Finance:viewer")  # fmt: skip
     assert result.returncode == 0, result.stderr
 
 

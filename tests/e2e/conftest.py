@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import redis
 from django.conf import settings
 from django.core.management import call_command
 from django.db import connections
+from playwright.sync_api import expect
 
 from tests.appliance.ldap_server import GROUPS, PEOPLE, SERVICE_DN, SERVICE_PASSWORD, Slapd
 from tests.e2e.hub import LocalHub
@@ -163,12 +165,13 @@ def stack(e2e_db: None, tiny_model_dir: Path) -> Iterator[Stack]:  # noqa: F811
 
 
 @pytest.fixture(scope="package")
-def browser(stack: Stack) -> Iterator[Any]:
+def chromium(e2e_db: None) -> Iterator[Any]:
     """Debian's Chromium, headless (never a browser downloaded by ``playwright install``).
 
     Playwright's sync API keeps an event loop running in this thread, which Django takes for an
     async context: the checks' ORM calls, made between browser steps and never inside that loop,
-    are allowed while the browser is open (the console's processes, started before, never are)."""
+    are allowed while the browser is open (the console's processes never are: ``stack_env`` leaves
+    the permission out of their environment)."""
     from playwright.sync_api import sync_playwright
 
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
@@ -181,11 +184,17 @@ def browser(stack: Stack) -> Iterator[Any]:
         os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
 
 
-@pytest.fixture
-def page(browser: Any, stack: Stack) -> Iterator[Any]:
-    """A fresh browser context (no cookies, English) and a page in it; fails on any JavaScript error
-    (answers with an error status, which some tests provoke, are not JavaScript errors)."""
-    context = browser.new_context(locale="en-US", viewport={"width": 1280, "height": 900})
+@pytest.fixture(scope="package")
+def browser(stack: Stack, chromium: Any) -> Any:
+    """The browser, opened once the live console (whose worker inherits this environment) runs."""
+    return chromium
+
+
+@contextmanager
+def fresh_page(browser: Any, locale: str = "en-US") -> Iterator[Any]:
+    """A fresh browser context (no cookies, the language ``locale``) and a page in it; fails on any
+    JavaScript error (answers with an error status, which some tests provoke, are not JavaScript errors)."""
+    context = browser.new_context(locale=locale, viewport={"width": 1280, "height": 900})
     context.set_default_timeout(20_000)
     opened = context.new_page()
     errors: list[str] = []
@@ -206,6 +215,30 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
         # or it outlives the test database's teardown.
         connections.close_all()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser: Any, stack: Stack) -> Iterator[Any]:
+    """A fresh page in English on the live console (``fresh_page``)."""
+    with fresh_page(browser) as opened:
+        yield opened
+
+
+def switch_language(page: Any, code: str) -> None:
+    page.locator("#lang-select").select_option(code)
+    page.locator("form.lang").get_by_role("button").click()
+    expect(page.locator("html")).to_have_attribute("lang", code)
+
+
+@contextmanager
+def in_chinese(page: Any) -> Iterator[None]:
+    """The console in Simplified Chinese for the block, and in English again after it, even when a
+    check in it failed (the language is the session's: the next test would start in Chinese)."""
+    switch_language(page, "zh-hans")
+    try:
+        yield
+    finally:
+        switch_language(page, "en")
 
 
 def shot(page: Any, name: str) -> Path:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import openai
@@ -29,7 +27,7 @@ from models_catalog.models import LocalModel
 from provisioning.models import Deployment, Replica
 from tenancy.models import ApiKey, Department
 from tests.appliance.ldap_server import SERVICE_PASSWORD
-from tests.e2e.conftest import REPO_ID, Stack, change_first_password, login, shot
+from tests.e2e.conftest import REPO_ID, Stack, change_first_password, in_chinese, login, shot
 from tests.e2e.stack import NODE
 from tests.workers import wait_for
 
@@ -393,23 +391,6 @@ def test_gpu_history_charts_draw_the_data(page: Any, stack: Stack) -> None:
         ticks = drawn["ticks"]
         assert 2 <= len(ticks) <= 8 and len(set(ticks)) == len(ticks) and all(":" in t for t in ticks), drawn
     shot(page, "usability-gpu-charts")
-
-
-def switch_language(page: Any, code: str) -> None:
-    page.locator("#lang-select").select_option(code)
-    page.locator("form.lang").get_by_role("button").click()
-    expect(page.locator("html")).to_have_attribute("lang", code)
-
-
-@contextmanager
-def in_chinese(page: Any) -> Iterator[None]:
-    """The console in Simplified Chinese for the block, and in English again after it, even when a
-    check in it failed (the language is the session's: the next test would start in Chinese)."""
-    switch_language(page, "zh-hans")
-    try:
-        yield
-    finally:
-        switch_language(page, "en")
 
 
 def test_a_gpu_alert_in_the_header_on_its_tile_and_on_the_gpus_own_page(page: Any, stack: Stack) -> None:
