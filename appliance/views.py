@@ -52,16 +52,36 @@ def audit_log(request: HttpRequest) -> HttpResponse:
     )
 
 
+def _role_names(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Group → role mappings with each role's name as people read it (the setting holds its value)."""
+    return [(group, str(Role(role).label)) for group, role in pairs]
+
+
+def _membership_names(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Group → "Department:admin|viewer" mappings as "Department — Department admin|Viewer"."""
+    from tenancy.models import Membership
+
+    names = {"admin": Membership.Role.ADMIN.label, "viewer": Membership.Role.VIEWER.label}
+    shown = []
+    for group, target in pairs:
+        department, _sep, level = target.rpartition(":")
+        shown.append((group, f"{department} — {names[level]}"))
+    return shown
+
+
 @require_GET
 @requires("directory.view")
 def directory_settings(request: HttpRequest) -> HttpResponse:
     """Directory sign-in as configured (read-only, secrets masked), with its group mappings: LDAP and
     OpenID Connect."""
     context = {"enabled": directory.enabled(), "shown": directory.shown_settings(),
-               "role_groups": settings.LDAP_ROLE_GROUPS, "department_groups": settings.LDAP_DEPARTMENT_GROUPS,
+               "role_groups": _role_names(settings.LDAP_ROLE_GROUPS),
+               "department_groups": _membership_names(settings.LDAP_DEPARTMENT_GROUPS),
                "oidc_enabled": oidc.enabled(), "oidc_shown": oidc.shown_settings(),
-               "oidc_callback": oidc.callback_url(request), "oidc_role_groups": settings.OIDC_ROLE_GROUPS,
-               "oidc_department_groups": settings.OIDC_DEPARTMENT_GROUPS, "nav": "settings"}  # fmt: skip
+               "oidc_callback": oidc.callback_url(request),
+               "oidc_role_groups": _role_names(settings.OIDC_ROLE_GROUPS),
+               "oidc_department_groups": _membership_names(settings.OIDC_DEPARTMENT_GROUPS),
+               "nav": "settings"}  # fmt: skip
     return render(request, "appliance/directory.html", context)
 
 

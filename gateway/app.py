@@ -84,7 +84,8 @@ class State:
         shares = (1.0, settings.GATEWAY_NORMAL_SHARE_PERCENT / 100, settings.GATEWAY_LOW_SHARE_PERCENT / 100)
         self.balancer = Balancer(self.redis, settings.GATEWAY_REPLICA_CAPACITY, shares=shares,
                                  window=settings.GATEWAY_PRIORITY_WINDOW_SECONDS,
-                                 max_queue=settings.GATEWAY_MAX_QUEUE)  # fmt: skip
+                                 max_queue=settings.GATEWAY_MAX_QUEUE,
+                                 tolerance=settings.GATEWAY_PRIORITY_TOLERANCE_PERCENT / 100)  # fmt: skip
         self.spool = accounting.Spool()
         self.spool.adopt()
         self.retrying = asyncio.ensure_future(self.retry_spooled())

@@ -16,7 +16,8 @@ another replica after a failure, release), so no two processes can both take the
   request of a class with a lower class beneath it): an answer that took longer than the
   deployment's target (or, with none, than ``tolerance`` times the learned typical time) lowers
   ``safe`` at once (×``DECREASE``); one in time raises it slowly, and only while the limit was what
-  held the lower classes back, so a calm hour never teaches room that was never tried. While a
+  held the lower classes back, so a calm hour never teaches room that was never tried. The typical
+  time is learned only while no request waits. While a
   higher class is active, a lower class is admitted only below both its share and ``safe``; the
   higher classes themselves are never held by it.
 - **Queue.** A request that finds no room waits in the deployment's queue, ordered by class (high
@@ -156,8 +157,8 @@ return pick(2, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]))
 )
 
 # KEYS: held, replica, wait, wait-expiry, control. ARGV: token, capacity, and for an answered request of
-# a class with a lower class beneath it: its engine time to first token (ms, else -1), the target (ms,
-# 0: learn), tolerance, held when it was admitted. Also a request that gave up waiting.
+# a class with a lower class beneath it: its engine time to first token (ms), the target (ms,
+# 0: none), tolerance. Also a request that gave up waiting.
 RELEASE = (
     _COMMON
     + """
@@ -178,8 +179,11 @@ if ttft >= 0 then
   elseif held_before >= math.floor(safe) - 1 then
     safe = math.min(capacity, safe + INCREASE / math.max(1, safe))
   end
-  -- The typical time: a median followed slowly (frugal streaming), so a burst cannot teach it much.
-  if ttft > typical then typical = typical * (1 + LEARN) else typical = typical * (1 - LEARN) end
+  -- The typical time: a median followed slowly (frugal streaming), and only while nobody waits, so
+  -- it is the unloaded time and a burst teaches it nothing.
+  if redis.call('ZCARD', KEYS[3]) == 0 then
+    if ttft > typical then typical = typical * (1 + LEARN) else typical = typical * (1 - LEARN) end
+  end
   redis.call('HSET', KEYS[5], 'safe', safe, 'typical', typical)
   redis.call('PEXPIRE', KEYS[5], 86400000)
 end

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tests.processes import end
+
 SUFFIX = "dc=example,dc=org"
 ADMIN_DN, ADMIN_PASSWORD = f"cn=admin,{SUFFIX}", "admin-secret"
 SERVICE_DN, SERVICE_PASSWORD = f"cn=console,ou=services,{SUFFIX}", "service-secret"
@@ -176,13 +178,7 @@ class Slapd:
         raise RuntimeError("slapd did not listen within 20 s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end(self.process)
 
     def admin(self) -> ldap.ldapobject.LDAPObject:
         connection = ldap.initialize(self.uri)

@@ -345,9 +345,9 @@ class FakeOidcProvider:
         raise AssertionError("the fake OpenID Connect provider did not start")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        from tests.processes import end  # here: this file also runs as the provider's own script
+
+        end(self.process)
 
     def _control(self, what: str, **data: Any) -> None:
         import httpx

@@ -150,7 +150,8 @@ def test_settings_page_masks_the_secret_and_tests_the_connection(admin_client: A
                                                                  settings: Any) -> None:  # fmt: skip
     page = admin_client.get(reverse("directory")).content.decode()
     assert directory.uri in page and SERVICE_DN in page and SERVICE_PASSWORD not in page and "••••" in page
-    assert f"cn=finance,{GROUPS}" in page and "Finance:viewer" in page
+    assert f"cn=finance,{GROUPS}" in page and "Finance — Viewer" in page  # the roles' names, not their values
+    assert "Appliance admin" in page and ">appliance_admin<" not in page
     result = admin_client.post(reverse("directory-test"), follow=True).content.decode()
     assert "4 users and 4 groups found" in result
     api = admin_client.post("/api/v1/directory/test").json()

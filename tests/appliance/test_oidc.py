@@ -236,7 +236,7 @@ def test_settings_page_masks_the_secret_and_tests_the_connection(admin_client: A
                                                                  settings: Any) -> None:  # fmt: skip
     page = admin_client.get(reverse("directory")).content.decode()
     assert oidc.issuer in page and CLIENT_ID in page and CLIENT_SECRET not in page and "••••" in page
-    assert CALLBACK in page and "ML-Admins" in page and "Finance:viewer" in page
+    assert CALLBACK in page and "ML-Admins" in page and "Finance — Viewer" in page and "Appliance admin" in page
     result = admin_client.post(reverse("directory-oidc-test"), follow=True).content.decode()
     assert "Discovery document and signing keys read; 1 key found." in result
     api = admin_client.post("/api/v1/directory/oidc/test").json()

@@ -20,6 +20,7 @@ import httpx
 import uvicorn
 
 from tests.models_catalog.helpers import free_port
+from tests.processes import end
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -184,13 +185,7 @@ class RelayProcess:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        end(self.process)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from tests.processes import end
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -128,9 +130,7 @@ class Peer:
         return len(self.log.read_text())
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
+        end(self.process)
 
 
 class ThrottledProxy:
