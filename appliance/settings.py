@@ -282,7 +282,7 @@ GATEWAY_NORMAL_SHARE_PERCENT = env_int("GATEWAY_NORMAL_SHARE_PERCENT", 75, minim
 GATEWAY_LOW_SHARE_PERCENT = env_int("GATEWAY_LOW_SHARE_PERCENT", 25, minimum=1, maximum=100)
 # While a higher class is active, the lower ones are held back when its answers start later than the
 # deployment's p99 TTFT target or, with none, than this percentage of their typical unloaded time.
-GATEWAY_PRIORITY_TOLERANCE_PERCENT = env_int("GATEWAY_PRIORITY_TOLERANCE_PERCENT", 150, minimum=100, maximum=10_000)
+GATEWAY_PRIORITY_TOLERANCE_PERCENT = env_int("GATEWAY_PRIORITY_TOLERANCE_PERCENT", 120, minimum=100, maximum=10_000)
 GATEWAY_PRIORITY_WINDOW_SECONDS = env_int("GATEWAY_PRIORITY_WINDOW_SECONDS", 10, minimum=0, maximum=3600)
 # Where the console's own pages (the playground) reach its /v1 gateway: the web server `make run`
 # starts (CONSOLE_HOST, CONSOLE_PORT), on loopback when it listens on every address.
