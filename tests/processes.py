@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 
 
-def end(process: subprocess.Popen | None, grace: float = 10) -> None:
-    """Stop ``process`` if it still runs: asked first (SIGTERM), killed when it has not ended after ``grace`` s."""
+def end(process: subprocess.Popen | None, grace: float = 10, group: bool = False) -> None:
+    """Stop ``process`` if it still runs: asked first (SIGTERM), killed when it has not ended after
+    ``grace`` s. ``group``: its whole process group (one started with ``start_new_session``)."""
     if process is None or process.poll() is not None:
         return
-    process.terminate()
+    send = (lambda sig: os.killpg(process.pid, sig)) if group else process.send_signal
+    send(signal.SIGTERM)
     try:
         process.wait(grace)
     except subprocess.TimeoutExpired:
-        process.kill()
+        send(signal.SIGKILL)
         process.wait(10)

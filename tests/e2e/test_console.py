@@ -558,6 +558,13 @@ def test_the_deployment_page_draws_what_its_engine_reports(page: Any, stack: Sta
         "c => c._chart.data.datasets.map(d => d.label)"
     )
     assert lines == ["running", "waiting"], lines
+    # Beside the engine's own figures, the gateway's: what the walk's department waited for its first token.
+    gateway = page.locator("canvas.gpu-chart[data-metric=gateway_ttft]").evaluate(
+        "c => c._chart.data.datasets.map(d => [d.label, d.data.length])"
+    )
+    department = WALK["department"].name
+    assert [label for label, _n in gateway] == [f"{department} p50", f"{department} p99"], gateway
+    assert all(n >= 1 for _label, n in gateway), gateway
     page.locator('[data-testid="engine-charts"]').scroll_into_view_if_needed()
     shot(page, "usability-engine-charts")
     with in_chinese(page):

@@ -219,3 +219,39 @@ def test_stop_lets_the_engines_main_process_stop_its_workers_and_kills_what_it_l
         assert out.read_text().splitlines() == ["started", "child stopped by the leader"]
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # nothing of the group is left, a child its leader forgot included
+
+
+def _wheel(folder: Any, name: str, version: str) -> None:
+    """A minimal pure-Python wheel of ``name`` (a module ``name`` holding VALUE = 42)."""
+    import zipfile
+
+    module, info = name.replace("-", "_"), f"{name.replace('-', '_')}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": "VALUE = 42\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / f"{module}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, text in files.items():
+            wheel.writestr(path, text)
+
+
+def test_an_engine_installs_from_an_offline_bundles_packages_and_asks_no_registry(settings: Any, tmp_path: Any) -> None:
+    """An offline bundle leaves each engine's packages in ENGINE_WHEELS_DIR/<package>/: the install
+    takes them from there with --no-index, so a version that is not there fails instead of being
+    fetched."""
+    from provisioning.runtimes import install_files
+
+    settings.ENGINE_WHEELS_DIR = tmp_path / "wheels"
+    _wheel(tmp_path / "wheels" / "offline-engine", "offline-engine", "1.0")
+    python, log = tmp_path / "env" / "bin" / "python", []
+    install_files(python, "offline-engine", "1.0", log.append)
+    assert any("installing from" in line and "offline-engine" in line for line in log)
+    found = subprocess.run([str(python), "-c", "import offline_engine; print(offline_engine.VALUE)"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert found.stdout.strip() == "42"
+    with pytest.raises(RuntimeError):
+        install_files(python, "offline-engine", "2.0", log.append)  # not in the folder: never the registry
+    assert any("--no-index" in line for line in log)
