@@ -17,9 +17,8 @@ another replica after a failure, release), so no two processes can both take the
   deployment's target (or, with none, than ``tolerance`` times the learned typical time) lowers
   ``safe`` at once (×``DECREASE``); one in time raises it slowly, and only while the limit was what
   held the lower classes back, so a calm hour never teaches room that was never tried. The typical
-  time is learned only while no request waits. While a
-  higher class is active, a lower class is admitted only below both its share and ``safe``; the
-  higher classes themselves are never held by it.
+  time is learned only while no request waits. While a higher class is active, a lower class is
+  admitted only below both its share and ``safe``; the higher classes are never held by it.
 - **Queue.** A request that finds no room waits in the deployment's queue, ordered by class (high
   first) then arrival, for at most the queue timeout; then the caller answers 429. One that finds
   ``max_queue`` (per replica) of its class or better waiting already is refused at once. Whoever frees
