@@ -604,6 +604,56 @@ def test_the_playground_streams_an_answer_with_its_figures(page: Any, stack: Sta
         shot(page, "usability-playground-zh")
 
 
+def test_the_playground_compares_two_deployments_side_by_side(page: Any, stack: Stack) -> None:
+    """A second deployment of the walk's model, deployed with one click and allowed to the department:
+    the playground sends one message to both, and each pane streams its own real engine's answer with
+    its figures. The second engine is stopped and deleted after (two engines on two cores)."""
+    needs_walk("model", "deployment", "department")
+    login(page, stack, f"/deployments/new?model={WALK['model'].pk}")
+    deploy = form_of(page, "/deployments/new")
+    deploy.get_by_label("Served model name").fill("tiny-compare")
+    deploy.get_by_label("Memory fraction").fill("0.15")
+    deploy.get_by_label("Maximum context length").fill("512")
+    deploy.get_by_role("button", name="Deploy").click()
+    expect(page).to_have_url(stack.url("/deployments/tiny-compare/"))
+    try:
+        WALK["department"].deployments.add(Deployment.objects.get(name="tiny-compare"))
+        ready = Replica.objects.filter(deployment__name="tiny-compare", state=Replica.State.READY)
+        assert wait_for(ready.exists, timeout=420, interval=2), stack.logs()
+        page.goto(stack.url("/playground/"))
+        form = page.locator("#playground")
+        form.get_by_label("Department (billed)").select_option(label=WALK["department"].name)
+        form.get_by_label("Deployment", exact=True).select_option(WALK["deployment"])
+        form.get_by_label("Compare with").select_option("tiny-compare")
+        form.get_by_label("Most tokens in the answer").fill("8")
+        form.get_by_label("Message").fill("Say hello")
+        form.get_by_role("button", name="Send").click()
+        for pane, name in (("a", WALK["deployment"]), ("b", "tiny-compare")):
+            expect(page.locator(f"#pane-{pane} .stats")).to_contain_text("tokens/s", timeout=120_000)
+            expect(page.locator(f"#pane-{pane} .pane-title")).to_contain_text(name)
+            assert page.locator(f"#pane-{pane} .turn.assistant").inner_text().strip(), f"no answer in pane {pane}"
+            assert 0 < int(page.locator(f"#pane-{pane} .stats").get_attribute("data-tokens")) <= 8
+        shot(page, "usability-playground-compare")
+        with in_chinese(page):
+            form.get_by_label("部门（计费）").select_option(label=WALK["department"].name)
+            form.get_by_label("部署", exact=True).select_option(WALK["deployment"])
+            form.get_by_label("对比", exact=True).select_option("tiny-compare")
+            form.get_by_label("回答最多 token 数").fill("8")
+            form.get_by_label("消息").fill("Say hello")
+            form.get_by_role("button", name="发送").click()
+            for pane in ("a", "b"):
+                expect(page.locator(f"#pane-{pane} .stats")).to_contain_text("token/秒", timeout=120_000)
+            shot(page, "usability-playground-compare-zh")
+    finally:
+        page.goto(stack.url("/deployments/tiny-compare/"))
+        page.on("dialog", lambda dialog: dialog.accept())
+        page.get_by_role("button", name="Stop").click()
+        replicas = Replica.objects.filter(deployment__name="tiny-compare")
+        assert wait_for(lambda: all(r.state in Replica.TERMINAL for r in replicas.all()), timeout=60), stack.logs()
+        page.get_by_role("button", name="Delete").click()
+        expect(page).to_have_url(stack.url("/deployments/"))
+
+
 def test_a_target_the_engine_misses_raises_an_alert_and_the_costs_page_shows_the_month(page: Any, stack: Stack) -> None:
     """A p99 TTFT target of 1 ms on the walk's deployment, missed by the real engine under a few
     requests: the scrape opens an alert on the deployment page; acknowledged from the page; cleared
