@@ -106,12 +106,19 @@ def env_role_groups(name: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def department_target(target: str) -> tuple[str, str]:
+    """``"Department name:admin|viewer"`` as (department name, level): the one reading of a
+    department mapping's target, for the check below, the mapping at sign-in and the pages."""
+    department, _sep, level = target.rpartition(":")
+    return department.strip(), level
+
+
 def env_department_groups(name: str) -> list[tuple[str, str]]:
     """``GROUP => Department name:admin|viewer; ...``: directory groups mapped to department memberships."""
     pairs = env_mapping(name)
     for group, target in pairs:
-        department, _sep, level = target.rpartition(":")
-        if level not in ("admin", "viewer") or not department.strip():
+        department, level = department_target(target)
+        if level not in ("admin", "viewer") or not department:
             raise ImproperlyConfigured(f"{name} maps {group!r} to {target!r}: expected "
                                        "'Department name:admin' or 'Department name:viewer'.")  # fmt: skip
     return pairs

@@ -18,6 +18,7 @@ from django.http import HttpRequest
 from django.utils.translation import gettext as _
 
 from appliance.audit import record
+from appliance.env import department_target
 from appliance.roles import Role
 
 # Best first: a user in several mapped groups gets the highest of their roles.
@@ -59,8 +60,7 @@ def map_groups(groups: Iterable[str], role_groups: list[tuple[str, str]],
     departments: dict[str, str] = {}
     for group, target in department_groups:
         if group.lower() in held:
-            name, _sep, level = target.rpartition(":")
-            name = name.strip()
+            name, level = department_target(target)
             if departments.get(name) != "admin":
                 departments[name] = level
             matched.append(group)

@@ -23,6 +23,7 @@ from django.views.decorators.http import require_GET, require_POST
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from appliance import audit, directory, health, oidc
+from appliance.env import department_target
 from appliance.forms import AuditFilterForm, RoleForm, TokenCreateForm, UserCreateForm
 from appliance.models import ApiToken, AuditEvent, Profile
 from appliance.roles import Role, requires, role_of
@@ -64,7 +65,7 @@ def _membership_names(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     names = {"admin": Membership.Role.ADMIN.label, "viewer": Membership.Role.VIEWER.label}
     shown = []
     for group, target in pairs:
-        department, _sep, level = target.rpartition(":")
+        department, level = department_target(target)
         shown.append((group, f"{department} — {names[level]}"))
     return shown
 

@@ -70,6 +70,15 @@ def debs(into: Path) -> None:
         run(command, cwd=into, stdout=subprocess.DEVNULL)
 
 
+def write_sums(stage: Path) -> None:
+    """``SHA256SUMS`` of every file of the bundle folder but itself, as ``sha256sum -c`` reads them
+    (install.sh checks them first)."""
+    files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    sums = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(stage)}\n" for p in files)
+    (stage / "SHA256SUMS").unlink(missing_ok=True)  # a new file: a hard-linked copy's original stays as it was
+    (stage / "SHA256SUMS").write_text(sums)
+
+
 def build(out: Path, engines: list[str]) -> Path:
     name = f"appliance-{version()}"
     stage = out / name
@@ -88,10 +97,7 @@ def build(out: Path, engines: list[str]) -> Path:
     shutil.copy(ROOT / "ops" / "install.sh", stage / "install.sh")
     shutil.copy(ROOT / "ops" / "upgrade.py", stage / "upgrade.py")
     (stage / "VERSION").write_text(version() + "\n")
-    sums = []
-    for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-        sums.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.relative_to(stage)}")
-    (stage / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    write_sums(stage)
     bundle = out / f"{name}.tar"
     with tarfile.open(bundle, "w") as archive:
         archive.add(stage, arcname=name)

@@ -7,7 +7,6 @@ tests/provisioning/test_units.py."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.bundle import write_sums
 from tests.processes import end
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,10 +145,7 @@ def newer(bundle: Path, into: Path, migrations: dict[str, str]) -> Path:
             after = name
     (into / "VERSION").unlink()
     (into / "VERSION").write_text(f"next-{into.name}\n")
-    files = sorted(p for p in into.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
-    sums = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(into)}\n" for p in files)
-    (into / "SHA256SUMS").unlink()
-    (into / "SHA256SUMS").write_text(sums)
+    write_sums(into)
     return into
 
 
