@@ -355,6 +355,7 @@ class ModelJob(Job):
         IMPORT = "import", _("Import")
         VERIFY = "verify", _("Verify")
         DELETE = "delete", _("Delete")
+        SYNC = "sync", _("Copy to another box")
 
     task_name = "models_catalog.run_model_job"
 
@@ -375,6 +376,11 @@ class ModelJob(Job):
     def on_failed(self, message: str) -> None:
         """A failed update or re-import leaves the ready copy untouched and usable; anything else
         marks the model failed with the reason."""
+        if self.kind == self.Kind.SYNC:  # the model itself is fine: only the copy on that box failed
+            ModelCopy.objects.filter(model_id=self.model_id, node=self.node).update(
+                status=ModelCopy.Status.FAILED, error=message
+            )
+            return
         model = LocalModel.objects.filter(pk=self.model_id).first()
         if model is None:
             return
@@ -384,3 +390,35 @@ class ModelJob(Job):
         elif self.kind == self.Kind.IMPORT and model.is_usable:
             status = model.status
         LocalModel.objects.filter(pk=model.pk).update(status=status, error=message)
+
+
+class ModelCopy(models.Model):
+    """A copy of a model on another box than its own (``LocalModel.node``), made by a sync job on
+    that box from a box that holds the model, node to node over the relays' ``/hf/``
+    (``models_catalog.copies``). Placement asks for one when it chooses a box without the model.
+    A copy is usable only at the model's commit: after an update it is synced again."""
+
+    class Status(models.TextChoices):
+        SYNCING = "syncing", _("Copying")
+        READY = "ready", _("Ready")
+        FAILED = "failed", _("Failed")
+
+    model = models.ForeignKey(LocalModel, on_delete=models.CASCADE, related_name="copies")
+    node = models.CharField(max_length=63)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.SYNCING)
+    commit = models.CharField(max_length=64, blank=True)  # of the files on that box, once ready
+    source_node = models.CharField(max_length=63, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["model", "node"]
+        constraints = [models.UniqueConstraint(fields=["model", "node"], name="unique_model_copy_per_node")]
+
+    def __str__(self) -> str:
+        return f"{self.model} on {self.node}"
+
+    @property
+    def usable(self) -> bool:
+        return self.status == self.Status.READY and self.commit == self.model.commit

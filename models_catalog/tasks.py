@@ -8,6 +8,7 @@ from pathlib import Path
 from celery import shared_task
 
 from appliance.jobs import run_job
+from models_catalog import copies
 from models_catalog.download import download
 from models_catalog.importer import import_directory
 from models_catalog.models import LocalModel, ModelJob
@@ -26,9 +27,13 @@ def model_job_body(job: ModelJob) -> None:
         problems = verify_ready_copy(job)
         if problems:
             raise RuntimeError("Verification failed: " + "; ".join(problems[:20]))
+    elif job.kind == ModelJob.Kind.SYNC:
+        copies.sync(job)
     elif job.kind == ModelJob.Kind.DELETE:
         if model.directory.exists():
             shutil.rmtree(model.directory)
+        for node in model.copies.values_list("node", flat=True):  # each box removes its own copy
+            drop_copy.apply_async(args=[model.repo_id], queue=f"node.{node}")
         model.remove_row()  # archived while deleted deployments kept for past bills name it
     else:
         raise RuntimeError(f"Unknown job kind {job.kind!r}")
@@ -71,3 +76,9 @@ def check_model(model_id: int) -> int:
     if model is None or model.source == LocalModel.Source.IMPORTED:
         return 0
     return _check(model) or 0
+
+
+@shared_task(name="models_catalog.drop_copy", ignore_result=True)
+def drop_copy(repo_id: str) -> None:
+    """Remove this box's copy of a deleted model (waits in this box's queue while it is away)."""
+    copies.drop(repo_id)

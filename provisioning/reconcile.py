@@ -18,6 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from appliance.worker import redis_client
+from models_catalog import copies
 from provisioning import launcher, relay
 from provisioning.engines import ArgumentRefused, engine_for
 from provisioning.models import Deployment, EngineRuntime, Replica
@@ -278,6 +279,7 @@ def reconcile(node: str | None = None, client: redis.Redis | None = None) -> dic
             count += 1
         orphans = stop_orphans(node)
         publish_routes(node)
+        copies.publish_table(node)
     finally:
         try:
             lock.release()

@@ -12,6 +12,11 @@ it runs (id → port and the SHA-256 of the key) to ``DATA_DIR/relay/<node>.json
 the relay rereads it when it changes. A route is published when the engine is launched, before it
 can be marked ready, so the gateway never sees a ready replica the relay does not know.
 
+The relay also serves this box's ready models on ``/hf/`` (read-only, the hub's API as the console's
+own ``/hf/`` speaks it, ``models_catalog.mirror``) to the other boxes' copy jobs, only with the
+cluster's sync token; it reads the table of those models the reconcile pass publishes beside the
+routes (``models_catalog.copies.publish_table``).
+
 When the engine cannot be reached the relay answers 502 with ``X-Relay-Failure``, which the gateway
 takes as a failed replica (it tries another), as it would a refused connection to a local engine.
 """
@@ -30,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 from django.conf import settings
+
+from models_catalog.mirror import Served, answer, bearer, is_sync_token, read_span
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -84,29 +91,52 @@ class Target:
     key_sha256: str
 
 
-class Table:
-    """The published routes, reread when the file changes (one ``stat`` per request)."""
+class Reread:
+    """A JSON file a node's worker publishes, reread when it changes (one ``stat`` per request);
+    an unreadable one keeps the last good contents."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._stamp: tuple[int, int] | None = None
-        self._targets: dict[str, Target] = {}
+        self.rows: dict[str, Any] = {}
 
-    def get(self, replica: str) -> Target | None:
+    def parse(self, data: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def current(self) -> dict[str, Any]:
         try:
             stat = self.path.stat()
         except FileNotFoundError:
-            self._stamp, self._targets = None, {}
-            return None
+            self._stamp, self.rows = None, {}
+            return self.rows
         stamp = (stat.st_mtime_ns, stat.st_ino)
         if stamp != self._stamp:
             try:
-                rows = json.loads(self.path.read_text())["replicas"]
-                self._targets = {pk: Target(int(row["port"]), str(row["key_sha256"])) for pk, row in rows.items()}
+                self.rows = self.parse(json.loads(self.path.read_text()))
                 self._stamp = stamp
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("relay: unreadable route table %s (%s); keeping the last one", self.path, exc)
-        return self._targets.get(replica)
+                log.warning("relay: unreadable table %s (%s); keeping the last one", self.path, exc)
+        return self.rows
+
+
+class Table(Reread):
+    """The published routes: replica id → engine port and key digest."""
+
+    def parse(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {pk: Target(int(row["port"]), str(row["key_sha256"])) for pk, row in data["replicas"].items()}
+
+    def get(self, replica: str) -> Target | None:
+        return self.current().get(replica)
+
+
+class ModelTable(Reread):
+    """The models this box holds (``models_catalog.copies.publish_table``), served on ``/hf/``."""
+
+    def parse(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {repo: Served.from_row(repo, row) for repo, row in data["models"].items()}
+
+    async def lookup(self, repo_id: str) -> Served | None:
+        return self.current().get(repo_id)
 
 
 def _refusal(status: int, message: str, code: str, **headers: str) -> web.Response:
@@ -115,13 +145,15 @@ def _refusal(status: int, message: str, code: str, **headers: str) -> web.Respon
 
 
 class Relay:
-    def __init__(self, table: Table, engine_host: str = "127.0.0.1") -> None:
-        self.table, self.engine_host = table, engine_host
+    def __init__(self, table: Table, engine_host: str = "127.0.0.1", models: ModelTable | None = None) -> None:
+        self.table, self.engine_host, self.models = table, engine_host, models
         self.session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=settings.GATEWAY_MAX_BODY_BYTES)
         app.router.add_route("*", "/r/{replica:[0-9]{1,12}}/{path:.*}", self.forward)
+        if self.models is not None:
+            app.router.add_route("*", "/hf/{rest:.*}", self.hub)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -170,7 +202,26 @@ class Relay:
             await response.write_eof()
             return response
 
+    async def hub(self, request: web.Request) -> web.StreamResponse:
+        """This box's models for the other boxes (a copy job), only with the cluster's sync token."""
+        assert self.models is not None
+        authorized = is_sync_token(bearer(request.headers))
+        result = await answer(request.method, request.match_info["rest"], request.headers, request.query,
+                              self.models.lookup, authorized)  # fmt: skip
+        if result.span is None:
+            if result.body is None:
+                return web.Response(status=result.status, headers=result.headers)
+            return web.json_response(result.body, status=result.status, headers=result.headers)
+        response = web.StreamResponse(status=result.status, headers=result.headers)
+        await response.prepare(request)
+        async for chunk in read_span(*result.span):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
 
 def serve(host: str, port: int, node: str, **options: Any) -> None:
-    relay = Relay(Table(table_path(node)))
+    from models_catalog.copies import table_path as models_table
+
+    relay = Relay(Table(table_path(node)), models=ModelTable(models_table(node)))
     web.run_app(relay.app(), host=host, port=port, access_log=None, print=None, **options)
