@@ -19,10 +19,10 @@ from pydantic import StrictInt
 from appliance import audit
 from appliance.api import require
 from gpus.charts import RANGES
-from provisioning import engine_metrics, targets
+from provisioning import engine_metrics, scheduler, targets
 from provisioning.forms import DeployForm, TargetsForm
 from provisioning.models import Deployment, DeploymentBusy, EngineRuntime, RuntimeJob
-from provisioning.placement import PlacementRefused, place
+from provisioning.placement import PlacementRefused
 from provisioning.runtimes import request_install
 
 router = Router(tags=["deployments"])
@@ -48,6 +48,7 @@ class DeploymentOut(Schema):
     model: str = Field(alias="model.repo_id")
     runtime: str = Field(alias="runtime.name")
     node: str
+    any_node: bool
     replicas: int
     desired: str
     state: str
@@ -71,6 +72,7 @@ class DeployIn(Schema):
     gpu_memory_fraction: float = 0.9
     max_model_len: int | None = None
     extra_args: str = ""
+    any_node: bool = False
 
 
 class ScaleIn(Schema):
@@ -147,7 +149,7 @@ def create_deployment(request: HttpRequest, payload: DeployIn) -> Status:
         raise HttpError(422, "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items()))
     deployment = Deployment.from_form(form.cleaned_data, request.user)
     try:
-        place(deployment)
+        scheduler.check(deployment)
     except PlacementRefused as exc:
         raise HttpError(422, str(exc)) from None
     with transaction.atomic():

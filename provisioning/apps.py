@@ -9,6 +9,7 @@ class ProvisioningConfig(AppConfig):
         from gpus.users import register as register_gpu_users
         from models_catalog.models import USAGE_CHECKS
         from nodes.registry import on_node_lost, register_facts, register_workload
+        from provisioning.scheduler import replace_lost
         from provisioning.usage import (
             deployments_using,
             gpu_users,
@@ -22,3 +23,4 @@ class ProvisioningConfig(AppConfig):
         register_facts(node_runtimes)
         register_workload(node_workload)
         on_node_lost(replicas_lost)
+        on_node_lost(replace_lost)  # after: the lost replicas are marked first

@@ -72,6 +72,11 @@ class DeployForm(forms.Form):
     max_model_len = forms.IntegerField(
         label=_("Maximum context length"), min_value=16, max_value=10_000_000, required=False
     )
+    any_node = forms.BooleanField(
+        label=_("Place on any box"), required=False,
+        help_text=_("Each replica goes to the ready box with the most room (the model is copied there first), and "
+                    "a lost box's replicas are replaced on the others. Off: every replica runs on the engine's box."),
+    )  # fmt: skip
     extra_args = forms.CharField(
         label=_("Extra vLLM arguments"),
         required=False,

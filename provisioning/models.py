@@ -119,7 +119,10 @@ class Deployment(models.Model):
     name = models.SlugField(_("served model name"), max_length=100)
     model = models.ForeignKey(LocalModel, on_delete=models.PROTECT, related_name="deployments")
     runtime = models.ForeignKey(EngineRuntime, on_delete=models.PROTECT, related_name="deployments")
-    node = models.CharField(max_length=63)
+    node = models.CharField(max_length=63)  # the box of the runtime chosen; where pinned replicas run
+    # Placed on any ready box with room (provisioning.scheduler), the model copied there first, and
+    # replaced on another box when its box is lost; otherwise every replica runs on ``node``.
+    any_node = models.BooleanField(_("place on any box"), default=False)
     replicas = models.PositiveSmallIntegerField(_("replicas"), default=1)
     gpu_ids = models.JSONField(default=list, blank=True, help_text="Chosen GPU indexes; empty: automatic.")
     tensor_parallel = models.PositiveSmallIntegerField(_("tensor parallel size"), default=1)
@@ -172,7 +175,7 @@ class Deployment(models.Model):
             name=data["name"], model=data["model"], runtime=runtime, node=runtime.node, replicas=data["replicas"],
             tensor_parallel=data["tensor_parallel"], gpu_ids=data["gpu_ids"],
             gpu_memory_fraction=data["gpu_memory_fraction"], max_model_len=data["max_model_len"],
-            extra_args=data["extra_args"], created_by=user,
+            extra_args=data["extra_args"], any_node=bool(data.get("any_node")), created_by=user,
         )  # fmt: skip
 
     def run(self, retry_failed: bool = False) -> None:

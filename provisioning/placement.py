@@ -1,9 +1,10 @@
 """Choosing where a replica runs: GPUs with room for the model's estimate on healthy GPUs, or, on
 a box without GPUs (the CPU runtime), enough system memory. Refusals name what did not fit.
 
-The deployment's node must take new replicas (ready, not draining) and hold the model's files:
-models are not copied between boxes yet, so a model is downloaded or imported on the box that runs
-it. Memory of another box is what its worker last reported."""
+The box must take new replicas (ready, not draining); a pinned deployment's box must hold the
+model's files (``models_catalog.copies``), while a deployment placed on any box has the model copied
+to the box chosen (``provisioning.scheduler``). Memory of another box is what its worker last
+reported. Every function takes the box to look at (default: the deployment's)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from django.utils.translation import gettext as _
 
 from appliance.host import meminfo
 from gpus.models import Gpu
+from models_catalog.copies import holds
 from models_catalog.memory import estimate
 from nodes.models import Node
 from provisioning.models import Deployment, Replica
@@ -37,14 +39,15 @@ def memory_need(deployment: Deployment) -> int:
         ) from None
 
 
-def cpu_memory(deployment: Deployment, need: int) -> tuple[int, int, int]:
+def cpu_memory(deployment: Deployment, need: int, node: str | None = None) -> tuple[int, int, int]:
     """(wanted, available, total) bytes of this box's memory for one more replica on the CPU engine:
     the model, the KV cache (the memory fraction of the total) and the engine's own; what is
     available after the replicas still starting, which have not taken theirs yet."""
-    info = meminfo() if deployment.node == settings.NODE_NAME else _reported_memory(deployment.node)
+    node = node or deployment.node
+    info = meminfo() if node == settings.NODE_NAME else _reported_memory(node)
     kv_space = int(deployment.gpu_memory_fraction * info["MemTotal"])
     # Replicas still starting have not taken their memory yet: count them as taken.
-    starting = Replica.objects.filter(node=deployment.node, state__in=[Replica.State.STARTING, Replica.State.PLACING])
+    starting = Replica.objects.filter(node=node, state__in=[Replica.State.STARTING, Replica.State.PLACING])
     reserved = sum(
         int(r.deployment.gpu_memory_fraction * info["MemTotal"]) + CPU_ENGINE_OVERHEAD
         for r in starting.select_related("deployment")
@@ -60,29 +63,36 @@ def _reported_memory(node: str) -> dict[str, int]:
     return {"MemTotal": row.memory_bytes, "MemAvailable": int(row.facts.get("memory_available_bytes") or 0)}
 
 
-def check_node(deployment: Deployment) -> None:
-    """The deployment's box takes new replicas and has the model's files (else PlacementRefused)."""
-    node = Node.objects.filter(name=deployment.node).first()
+def check_box(name: str) -> None:
+    """The box takes new replicas (else PlacementRefused)."""
+    node = Node.objects.filter(name=name).first()
     if node is not None and node.state == Node.State.UNREACHABLE:
         raise PlacementRefused(_("%(node)s is unreachable: it takes no new replicas.") % {"node": node.name})
     if node is not None and node.draining:
         raise PlacementRefused(_("%(node)s is draining: it takes no new replicas.") % {"node": node.name})
+
+
+def check_node(deployment: Deployment, node: str | None = None) -> None:
+    """The box takes new replicas and has the model's files (else PlacementRefused)."""
+    node = node or deployment.node
+    check_box(node)
     model = deployment.model
-    if model.node != deployment.node:
+    if not holds(model, node):
         raise PlacementRefused(
-            _("%(model)s is on %(model_node)s, not on %(node)s: download or import it on %(node)s first "
-              "(models are not copied between boxes).")
-            % {"model": model.repo_id, "model_node": model.node, "node": deployment.node}
+            _("%(model)s is on %(model_node)s, not on %(node)s: download or import it on %(node)s first, or "
+              "deploy it on any box (the model is then copied to the box chosen).")
+            % {"model": model.repo_id, "model_node": model.node, "node": node}
         )  # fmt: skip
 
 
-def place_cpu(deployment: Deployment, need: int) -> list[int]:
-    wanted, available, _total = cpu_memory(deployment, need)
+def place_cpu(deployment: Deployment, need: int, node: str | None = None) -> list[int]:
+    node = node or deployment.node
+    wanted, available, _total = cpu_memory(deployment, need, node)
     if wanted > available:
         raise PlacementRefused(
             _("Not enough memory on %(node)s: the model and its KV cache need about %(wanted).1f GiB (memory "
               "fraction %(fraction)g), %(available).1f GiB are available.")
-            % {"node": deployment.node, "wanted": wanted / GiB, "fraction": deployment.gpu_memory_fraction,
+            % {"node": node, "wanted": wanted / GiB, "fraction": deployment.gpu_memory_fraction,
                "available": max(available, 0) / GiB}
         )  # fmt: skip
     return []
@@ -98,21 +108,23 @@ def claimed_fractions(node: str) -> dict[int, float]:
     return claimed
 
 
-def place_gpus(deployment: Deployment, need: int, exclude_replica: int | None = None) -> list[int]:
-    gpus = {gpu.index: gpu for gpu in Gpu.objects.filter(node=deployment.node)}
+def place_gpus(deployment: Deployment, need: int, node: str | None = None) -> list[int]:
+    node = node or deployment.node
+    gpus = {gpu.index: gpu for gpu in Gpu.objects.filter(node=node)}
     count = deployment.tensor_parallel
     if count > len(gpus):
         raise PlacementRefused(_("The deployment needs %(count)s GPUs; %(node)s has %(have)s.")
-                               % {"count": count, "node": deployment.node, "have": len(gpus)})  # fmt: skip
-    if deployment.gpu_ids:
+                               % {"count": count, "node": node, "have": len(gpus)})  # fmt: skip
+    # GPUs ticked in the form are those of the deployment's own box.
+    if deployment.gpu_ids and node == deployment.node:
         unknown = [i for i in deployment.gpu_ids if i not in gpus]
         if unknown:
             raise PlacementRefused(_("%(node)s has no GPU %(missing)s.")
-                                   % {"node": deployment.node, "missing": ", ".join(map(str, unknown))})  # fmt: skip
+                                   % {"node": node, "missing": ", ".join(map(str, unknown))})  # fmt: skip
         candidates = [gpus[i] for i in deployment.gpu_ids]
     else:
         candidates = list(gpus.values())
-    claimed = claimed_fractions(deployment.node)
+    claimed = claimed_fractions(node)
     per_gpu = need / count
     fitting, reasons = [], []
     for gpu in candidates:
@@ -145,10 +157,18 @@ def place_gpus(deployment: Deployment, need: int, exclude_replica: int | None = 
     return sorted(g.index for g in fitting[:count])
 
 
-def place(deployment: Deployment) -> list[int]:
-    """GPU indexes for one more replica of ``deployment`` (empty on the CPU runtime)."""
-    check_node(deployment)
+def room(deployment: Deployment, node: str | None = None) -> list[int]:
+    """GPU indexes for one more replica of ``deployment`` on ``node`` if it has the room (empty on
+    the CPU runtime); the model's files are not asked about."""
+    check_box(node or deployment.node)
     need = memory_need(deployment)
     if deployment.runtime.is_cpu:
-        return place_cpu(deployment, need)
-    return place_gpus(deployment, need)
+        return place_cpu(deployment, need, node)
+    return place_gpus(deployment, need, node)
+
+
+def place(deployment: Deployment, node: str | None = None) -> list[int]:
+    """GPU indexes for one more replica of ``deployment`` on ``node`` (default: its own box), which
+    must hold the model."""
+    check_node(deployment, node)
+    return room(deployment, node)

@@ -19,10 +19,13 @@ from django.utils import timezone
 
 from appliance.worker import redis_client
 from models_catalog import copies
+from models_catalog.copies import holds
+from models_catalog.models import ModelCopy
 from provisioning import launcher, relay
 from provisioning.engines import ArgumentRefused, engine_for
 from provisioning.models import Deployment, EngineRuntime, Replica
 from provisioning.placement import PlacementRefused, place
+from provisioning.scheduler import runtime_on
 
 S = Replica.State
 
@@ -34,8 +37,9 @@ def _save(replica: Replica, **fields: Any) -> None:
 
 
 def ensure_replicas(node: str) -> None:
-    """One replica row per wanted ordinal; ordinals beyond the count are stopped by ``step``."""
-    for deployment in Deployment.objects.filter(node=node, desired=Deployment.Desired.RUNNING):
+    """One replica row per wanted ordinal of the deployments pinned to this box; ordinals beyond the
+    count are stopped by ``step``. Those placed on any box get theirs from ``scheduler``."""
+    for deployment in Deployment.objects.filter(node=node, desired=Deployment.Desired.RUNNING, any_node=False):
         have = {r.ordinal: r for r in deployment.replica_set.all()}
         for ordinal in range(deployment.replicas):
             replica = have.get(ordinal)
@@ -66,11 +70,15 @@ def engine_arguments(deployment: Deployment) -> list[str]:
 def launch(replica: Replica) -> None:
     """Place and start one replica; a refusal fails it with the reason, leaving nothing behind."""
     deployment = replica.deployment
-    runtime = deployment.runtime
-    if runtime.status != EngineRuntime.Status.READY or not Path(runtime.python_path).exists():
-        _save(replica, state=S.FAILED, last_error=f"The engine runtime {runtime} is not installed or broken.")
+    runtime = runtime_on(deployment, replica.node)
+    if runtime is None or runtime.status != EngineRuntime.Status.READY or not Path(runtime.python_path).exists():
+        _save(replica, state=S.FAILED, last_error=f"The engine runtime {runtime or deployment.runtime.package} is "
+                                                  f"not installed or broken on {replica.node}.")  # fmt: skip
         return
     model = deployment.model
+    if deployment.any_node and model.is_usable and not holds(model, replica.node):
+        _wait_for_copy(replica)
+        return
     if not model.is_usable or not model.ready_path.exists():
         _save(replica, state=S.FAILED, last_error=f"The model {model} is not ready ({model.get_status_display()}).")
         return
@@ -81,7 +89,7 @@ def launch(replica: Replica) -> None:
         return
     _save(replica, state=S.PLACING)
     try:
-        gpu_ids = replica.gpu_ids if replica.restart_count and replica.gpu_ids else place(deployment)
+        gpu_ids = replica.gpu_ids if replica.restart_count and replica.gpu_ids else place(deployment, replica.node)
     except PlacementRefused as exc:
         _save(replica, state=S.FAILED, last_error=str(exc))
         return
@@ -123,6 +131,20 @@ def launch(replica: Replica) -> None:
 
     # Readiness within a fraction of a second instead of at the next tick; the loop checks too.
     watch_startup.apply_async(args=[replica.pk, pid], queue=f"node.{replica.node}")
+
+
+def _wait_for_copy(replica: Replica) -> None:
+    """A replica on a box without its model stays pending while the model is copied there (a failed
+    copy is the scheduler's to act on: it moves the replica to another box)."""
+    model = replica.deployment.model
+    copy = copies.copy_on(model, replica.node)
+    if copy is None or copy.status == ModelCopy.Status.READY:  # none asked yet, or an old commit
+        copy = copies.request_copy(model, replica.node)
+    if copy.status == ModelCopy.Status.SYNCING:
+        job = copies.sync_job(model, replica.node)
+        percent = job.percent if job is not None else 0
+        _save(replica, state=S.PENDING, last_error=f"Waiting for the model to be copied to {replica.node} "
+                                                   f"({percent} %).")  # fmt: skip
 
 
 def mark_ready(replica: Replica) -> bool:

@@ -7,17 +7,19 @@ from django.conf import settings
 
 from appliance.jobs import run_job
 from appliance.worker import alive_workers
-from provisioning import engine_metrics
+from provisioning import engine_metrics, scheduler
 from provisioning import reconcile as loop
-from provisioning.models import Deployment, Replica, RuntimeJob
+from provisioning.models import Replica, RuntimeJob
 from provisioning.runtimes import install
 
 
 @shared_task(name="provisioning.reconcile_all", ignore_result=True)
 def reconcile_all() -> int:
-    """Beat runs on one box; each node's engines are handled by that node's own worker."""
-    nodes = set(alive_workers().values()) | set(Deployment.objects.values_list("node", flat=True).distinct())
-    for node in nodes or {settings.NODE_NAME}:
+    """Beat runs on one box: it places the replicas of deployments on any box, then each node's
+    engines are handled by that node's own worker."""
+    scheduler.schedule()
+    nodes = set(alive_workers().values()) | scheduler.nodes_with_work()
+    for node in nodes:
         reconcile_node.apply_async(queue=f"node.{node}", expires=settings.RECONCILE_SECONDS * 2)
     return len(nodes)
 

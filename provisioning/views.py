@@ -15,10 +15,10 @@ from appliance.archiving import ARCHIVED
 from appliance.roles import can, requires
 from gpus.charts import RANGES
 from models_catalog.models import LocalModel
-from provisioning import capacity, engine_metrics, launcher, targets
+from provisioning import capacity, engine_metrics, launcher, scheduler, targets
 from provisioning.forms import DeployForm, ScaleForm, TargetsForm, recommended
 from provisioning.models import Deployment, DeploymentBusy, EngineRuntime, Replica, RuntimeJob
-from provisioning.placement import PlacementRefused, place
+from provisioning.placement import PlacementRefused
 from provisioning.runtimes import request_install
 from tenancy.reports import tokens_by_model
 
@@ -108,7 +108,7 @@ def _create(request: HttpRequest) -> HttpResponse:
     if form.is_valid():
         deployment = Deployment.from_form(form.cleaned_data, request.user)
         try:
-            place(deployment)  # refuse at once what would not fit
+            scheduler.check(deployment)  # refuse at once what would not fit
         except PlacementRefused as exc:
             form.add_error(None, str(exc))
         else:
