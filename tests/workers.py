@@ -36,10 +36,12 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0, interval: flo
 class WorkerProcess:
     """``celery worker`` in its own process group, so a test can kill it like a crash would."""
 
-    def __init__(self, hostname: str, concurrency: int = 0, **env: str) -> None:
-        """``concurrency`` 0: the solo pool (one task at a time); N: N prefork processes, as ``make run``."""
+    def __init__(self, hostname: str, concurrency: int = 0, netns: str | None = None, **env: str) -> None:
+        """``concurrency`` 0: the solo pool (one task at a time); N: N prefork processes, as ``make run``.
+        ``netns``: inside that network namespace (another "box")."""
         self.hostname = hostname
         self.concurrency = concurrency
+        self.netns = netns
         self.extra_env = env
         self.process: subprocess.Popen | None = None
         self.log = ROOT / "var" / "test" / f"{hostname.replace('@', '_')}.log"
@@ -50,7 +52,8 @@ class WorkerProcess:
         env.update(self.extra_env)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         pool = ["--pool", "prefork", "--concurrency", str(self.concurrency)] if self.concurrency else ["--pool", "solo"]
-        command = [sys.executable, "-m", "celery", "-A", "appliance", "worker", *pool]
+        command = [*(["ip", "netns", "exec", self.netns] if self.netns else []), sys.executable, "-m", "celery", "-A",
+                   "appliance", "worker", *pool]  # fmt: skip
         command += ["--hostname", self.hostname, "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(

@@ -159,8 +159,10 @@ class RelayProcess:
     """``manage.py relay`` (the real node relay) serving ``node``'s route table from ``data_dir``, on
     ``host``, optionally inside a network namespace (another "box")."""
 
-    def __init__(self, data_dir: Path, node: str, host: str = "127.0.0.1", netns: str | None = None) -> None:
-        self.host, self.node, self.port = host, node, free_port()
+    def __init__(
+        self, data_dir: Path, node: str, host: str = "127.0.0.1", netns: str | None = None, port: int | None = None
+    ) -> None:
+        self.host, self.node, self.port = host, node, port or free_port()
         prefix = ["ip", "netns", "exec", netns] if netns else []
         self.args = [*prefix, sys.executable, "manage.py", "relay", "--host", host, "--port", str(self.port),
                      "--node", node]  # fmt: skip

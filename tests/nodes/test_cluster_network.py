@@ -42,6 +42,10 @@ class Network:
     def address(self, box: int) -> str:
         return f"{self.prefix}.{box}"
 
+    def link(self, box: int) -> str:
+        """The host's end of a box's veth pair: set it down to cut the box off."""
+        return f"cv{box}h{self.box2.rsplit('-', 1)[1]}"
+
 
 @pytest.fixture
 def network() -> Iterator[Network]:
