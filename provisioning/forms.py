@@ -64,6 +64,15 @@ class DeployForm(forms.Form):
     tensor_parallel = forms.IntegerField(
         label=_("GPUs per replica (tensor parallel)"), min_value=1, max_value=16, initial=1
     )
+    nodes_per_replica = forms.IntegerField(
+        label=_("Boxes per replica"), min_value=1, max_value=8, initial=1, required=False,
+        help_text=_("More than 1: one engine over several boxes (vLLM's multi-node mode), for a model too big for "
+                    "one; the other boxes are chosen automatically and get a copy of the model."),
+    )  # fmt: skip
+    pipeline_parallel = forms.IntegerField(
+        label=_("Pipeline parallel size"), min_value=1, max_value=16, initial=1, required=False,
+        help_text=_("Splits the model's layers over this many ranks, e.g. one per box."),
+    )  # fmt: skip
     gpu_ids = forms.CharField(
         label=_("GPUs"), required=False, widget=GpuCheckboxes,
         help_text=_("Tick as many as the tensor parallel size; none ticked: chosen automatically."),
@@ -125,6 +134,14 @@ class DeployForm(forms.Form):
         runtime = data.get("runtime")
         if runtime is not None and ids is not None and tp:
             self._check_gpus(runtime, ids, tp, data.get("replicas") or 1)
+        boxes, pp = data.get("nodes_per_replica") or 1, data.get("pipeline_parallel") or 1
+        data["nodes_per_replica"], data["pipeline_parallel"] = boxes, pp
+        if boxes > 1 and tp and (tp * pp) % boxes:
+            self.add_error("nodes_per_replica", _("The ranks (tensor × pipeline parallel size, %(ranks)s) must divide "
+                                                  "evenly over the boxes (%(boxes)s).") % {"ranks": tp * pp,
+                                                                                          "boxes": boxes})  # fmt: skip
+        if boxes > 1 and ids:
+            self.add_error("gpu_ids", _("An engine over several boxes chooses its GPUs on each box: leave this empty."))
         return data
 
     def _check_gpus(self, runtime: EngineRuntime, ids: list[int], tp: int, replicas: int) -> None:

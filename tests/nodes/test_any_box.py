@@ -5,8 +5,11 @@ is tested in tests/models_catalog/test_copies.py and, on a real network, test_cl
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -157,3 +160,61 @@ def test_a_pinned_deployment_is_not_moved(
     replica = Replica.objects.get()
     assert (replica.node, replica.state) == (boxes["a"], "lost")  # waits for its box, to be adopted
     assert not ModelCopy.objects.exists()
+
+
+def test_a_replica_over_two_boxes_is_supervised_as_one(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, boxes: dict
+) -> None:
+    ModelCopy.objects.create(model=tiny_model, node=BOX_B, status="ready", commit=tiny_model.commit)
+    response = deploy(admin_client, tiny_model, fake_runtime, nodes_per_replica=2, pipeline_parallel=2)
+    assert response.status_code == 302, response.content[-3000:]
+    reconcile(boxes["a"])
+    replica = Replica.objects.get()
+    part = replica.parts.get()
+    assert (replica.node, replica.state, part.rank, part.node, part.state) == (boxes["a"], "starting", 1, BOX_B,
+                                                                            "pending")  # fmt: skip
+    reconcile(BOX_B)  # box B starts its rank, headless, pointed at rank 0 on box A
+    part.refresh_from_db()
+    assert part.state == "running" and list(launcher.our_processes(BOX_B)) == [part.pid]
+    command = Path(f"/proc/{part.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--headless" in command and command[command.index(b"--node-rank") + 1] == b"1"
+    assert command[command.index(b"--master-addr") + 1] == settings.NODE_ADDRESS.encode()
+    assert command[command.index(b"--pipeline-parallel-size") + 1] == b"2"
+    rank0 = until(boxes["a"], "ready")
+    rank0_command = Path(f"/proc/{rank0.pid}/cmdline").read_bytes().split(b"\0")
+    assert rank0_command[rank0_command.index(b"--node-rank") + 1] == b"0"
+    page = admin_client.get("/deployments/chat/").content.decode()
+    assert f"rank 1 on {BOX_B} (Running)" in page and "each replica over 2 boxes" in page
+
+    # Box B's rank dies: box B reports it, box A restarts every rank of the replica.
+    os.killpg(part.pid, signal.SIGKILL)
+    reconcile(BOX_B)
+    assert replica.parts.get().state == "exited"
+    reconcile(boxes["a"])
+    crashed = Replica.objects.get()
+    assert crashed.state in ("crashed", "starting") and "Rank 1 of the engine, on " in crashed.last_error
+    again = until(boxes["a"], "ready")
+    assert again.pid != rank0.pid and again.restart_count == 1
+    reconcile(BOX_B)
+    new_part = again.parts.get()
+    assert new_part.state == "running" and list(launcher.our_processes(BOX_B)) == [new_part.pid]
+
+    # Box B is lost: rank 0 is stopped too, and the replica waits for a box to run rank 1.
+    Node.objects.filter(name=BOX_B).update(last_heartbeat=timezone.now() - timedelta(minutes=5))
+    registry.heartbeat(settings.NODE_NAME)
+    assert registry.sweep() == [BOX_B]
+    reconcile(boxes["a"])
+    reconcile(boxes["a"])
+    waiting = Replica.objects.get()
+    assert waiting.state == "pending" and "One replica spans 2 boxes" in waiting.last_error
+    assert launcher.our_processes(boxes["a"]) == {}
+
+
+def test_an_engine_over_more_boxes_than_there_are_is_refused(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, boxes: dict
+) -> None:
+    response = deploy(admin_client, tiny_model, fake_runtime, nodes_per_replica=3, pipeline_parallel=3)
+    assert response.status_code == 400 and "One replica spans 3 boxes" in response.content.decode()
+    uneven = deploy(admin_client, tiny_model, fake_runtime, nodes_per_replica=2, pipeline_parallel=3)
+    assert uneven.status_code == 400 and "must divide evenly over the boxes" in uneven.content.decode()
+    assert not Deployment.objects.exists()
