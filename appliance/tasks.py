@@ -15,7 +15,7 @@ def recover_stale_jobs() -> int:
     """Fail jobs whose worker died without coming back (its restart would have done it)."""
     from django.conf import settings
 
-    grace = timedelta(seconds=settings.WORKER_HEARTBEAT_SECONDS * 6)
+    grace = timedelta(seconds=max(settings.WORKER_HEARTBEAT_SECONDS * 6, 30))
     return recover_stale(set(worker.alive_workers()), grace)
 
 

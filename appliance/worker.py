@@ -24,7 +24,8 @@ def redis_client() -> redis.Redis:
 
 
 def beat_once(client: redis.Redis, hostname: str) -> None:
-    ttl = settings.WORKER_HEARTBEAT_SECONDS * 3
+    # At least 10 s: a worker whose beat thread waited on a slow database write is not dead.
+    ttl = max(settings.WORKER_HEARTBEAT_SECONDS * 3, 10)
     client.set(KEY_PREFIX + hostname, settings.NODE_NAME, ex=ttl)
 
 

@@ -131,12 +131,13 @@ def heartbeat(name: str | None = None, facts: dict[str, Any] | None = None) -> N
     return node
 
 
-def sweep(now: Any = None) -> list[str]:
-    """Mark nodes whose heartbeat stopped unreachable; returns their names."""
+def sweep(now: Any = None, spare: str | None = None) -> list[str]:
+    """Mark nodes whose heartbeat stopped unreachable (never ``spare``: the box running the sweep);
+    returns their names."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.NODE_LOST_SECONDS)
     lost = []
-    for node in Node.objects.filter(state=Node.State.READY, last_heartbeat__lt=cutoff):
+    for node in Node.objects.filter(state=Node.State.READY, last_heartbeat__lt=cutoff).exclude(name=spare or ""):
         # Conditional, so two sweeps at once (two beats by mistake) run the hooks once.
         if Node.objects.filter(pk=node.pk, state=Node.State.READY).update(
             state=Node.State.UNREACHABLE, state_since=now

@@ -27,6 +27,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -112,6 +113,10 @@ def assign(replica: Replica, node: str, why: str) -> None:
     Replica.objects.filter(pk=replica.pk).update(**fields)
     ReplicaPart.objects.filter(replica=replica).delete()  # its other ranks are chosen again at launch
     _copy_if_needed(replica.deployment, node)
+    from provisioning.tasks import reconcile_node
+
+    # That box's pass now, not at the next round: a replacement's start is what a lost box costs.
+    transaction.on_commit(lambda: reconcile_node.apply_async(queue=f"node.{node}", expires=30))
 
 
 def _copy_if_needed(deployment: Deployment, node: str) -> None:

@@ -18,6 +18,7 @@ from django.utils import timezone
 from appliance.models import ApiToken, AuditEvent
 from nodes import registry
 from nodes.models import JoinToken, Node
+from nodes.tasks import sweep_nodes
 
 pytestmark = pytest.mark.django_db
 CLUSTER_DB = "postgres://console@10.0.0.1:5432/console"
@@ -179,3 +180,11 @@ def test_a_join_token_is_shown_once_with_the_command_to_run(admin_client: Client
     again = admin_client.get(reverse("nodes:join-reveal", args=[token.pk])).content.decode()
     assert "TOKEN=join_" not in again and "shown once already" in again
     assert JoinToken.objects.count() == 1
+
+
+def test_the_sweep_never_marks_the_box_it_runs_on(settings: Any) -> None:
+    registry.heartbeat(settings.NODE_NAME)
+    registry.heartbeat("other-box")
+    Node.objects.update(last_heartbeat=timezone.now() - timedelta(minutes=5))
+    assert sweep_nodes() == ["other-box"]  # the beat's own box is alive: it is running the sweep
+    assert Node.objects.get(name=settings.NODE_NAME).state == "ready"
