@@ -37,6 +37,7 @@ from provisioning.runtimes import detect
 from tenancy.models import ApiKey, Department
 from tests.gateway.helpers import RelayProcess, ServerThread, free_port
 from tests.nodes.test_cluster_network import Network, ip, network  # noqa: F401 - the fixture
+from tests.processes import end
 from tests.workers import WorkerProcess, database_url, wait_for
 
 ENGINE_START = 300
@@ -67,7 +68,9 @@ class Beat(threading.Thread):
 
 def forward(address: str, port: int) -> subprocess.Popen:
     """Make a service of the host's loopback reachable on the bridge (DESIGN: socat, as on a real box)."""
-    return subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind={address},fork,reuseaddr", f"TCP:127.0.0.1:{port}"])
+    return subprocess.Popen(
+        ["socat", f"TCP-LISTEN:{port},bind={address},fork,reuseaddr", f"TCP:127.0.0.1:{port}"], start_new_session=True
+    )  # its forks, one per connection, go with it
 
 
 def on_bridge(url: str, address: str) -> str:
@@ -125,7 +128,7 @@ def two_boxes(network: Network, engine_python: Path, tiny_model_dir: Path, setti
         for process in [*workers, *relays]:
             process.stop()
         for service in services:
-            service.terminate()
+            end(service, group=True)
         for node in (settings.NODE_NAME, BOX2):
             for pid in launcher.our_processes(node):
                 launcher.stop(pid, grace=5)
