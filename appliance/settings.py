@@ -378,6 +378,9 @@ WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 1, minimum=1, max
 # Short, so a box that goes away costs seconds (issue 15: ≤ 5 s); raise it where the cluster network
 # has longer blips, since a replacement restarts an engine.
 NODE_LOST_SECONDS = env_int("NODE_LOST_SECONDS", 3, minimum=2, maximum=3600)
+# A worker stopped on purpose (warm shutdown: a restart, an upgrade) gives its box this much more
+# before it counts as lost; a crash or a cut link gives none.
+NODE_RESTART_GRACE_SECONDS = env_int("NODE_RESTART_GRACE_SECONDS", 60, minimum=0, maximum=3600)
 # What a joining box is told to use (``manage.py join``): addresses reachable from the other boxes.
 CLUSTER_DATABASE_URL = env_str("CLUSTER_DATABASE_URL", DATABASE_URL)
 CLUSTER_REDIS_URL = env_str("CLUSTER_REDIS_URL", REDIS_URL)

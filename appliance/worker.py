@@ -75,6 +75,12 @@ def on_worker_ready(sender: object = None, **kwargs: object) -> None:
 @worker_shutdown.connect
 def on_worker_shutdown(sender: object = None, **kwargs: object) -> None:
     _stop.set()
+    try:  # a stop asked for (a restart, an upgrade) is not a lost box; a crash or a cut link still is
+        from nodes.registry import expect_back
+
+        expect_back()
+    except Exception as exc:  # the database may be what is going away
+        logger.warning("could not tell the registry this box's worker is stopping: %s", exc)
     hostname = getattr(sender, "hostname", "") or ""
     try:
         redis_client().delete(KEY_PREFIX + hostname)

@@ -131,6 +131,14 @@ def heartbeat(name: str | None = None, facts: dict[str, Any] | None = None) -> N
     return node
 
 
+def expect_back(name: str | None = None) -> None:
+    """This box's worker is stopping on purpose (a restart, an upgrade): the sweep leaves the box
+    alone for ``NODE_RESTART_GRACE_SECONDS`` more, so its replicas are not lost and replaced over a
+    restart. Its engines and relay keep serving meanwhile."""
+    grace = timezone.now() + timedelta(seconds=settings.NODE_RESTART_GRACE_SECONDS)
+    Node.objects.filter(name=name or settings.NODE_NAME, state=Node.State.READY).update(last_heartbeat=grace)
+
+
 def sweep(now: Any = None, spare: str | None = None) -> list[str]:
     """Mark nodes whose heartbeat stopped unreachable (never ``spare``: the box running the sweep);
     returns their names."""

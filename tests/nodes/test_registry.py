@@ -188,3 +188,14 @@ def test_the_sweep_never_marks_the_box_it_runs_on(settings: Any) -> None:
     Node.objects.update(last_heartbeat=timezone.now() - timedelta(minutes=5))
     assert sweep_nodes() == ["other-box"]  # the beat's own box is alive: it is running the sweep
     assert Node.objects.get(name=settings.NODE_NAME).state == "ready"
+
+
+def test_a_worker_stopped_on_purpose_gives_its_box_time_a_silent_one_does_not(settings: Any) -> None:
+    settings.NODE_RESTART_GRACE_SECONDS = 60
+    registry.heartbeat(settings.NODE_NAME)
+    registry.heartbeat("crashed-box")
+    Node.objects.update(last_heartbeat=timezone.now() - timedelta(seconds=30))
+    registry.expect_back(settings.NODE_NAME)  # what the worker's warm shutdown says
+    assert registry.sweep() == ["crashed-box"]
+    assert Node.objects.get(name=settings.NODE_NAME).state == "ready"
+    assert registry.sweep(now=timezone.now() + timedelta(seconds=65)) == [settings.NODE_NAME]
