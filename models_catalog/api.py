@@ -59,9 +59,18 @@ class FileOut(Schema):
     is_lfs: bool
 
 
+class CopyOut(Schema):
+    node: str
+    status: str
+    commit: str
+    current: bool  # at the model's commit: usable on that box
+    error: str
+
+
 class ModelDetailOut(ModelOut):
     facts: dict
     files: list[FileOut]
+    copies: list[CopyOut]
     active_job: JobOut | None
 
 
@@ -95,6 +104,10 @@ def _detail(model: LocalModel) -> dict[str, Any]:
         **{field: getattr(model, field) for field in ModelOut.model_fields},
         "facts": model.facts(),
         "files": list(model.files.all()),
+        "copies": [
+            {"node": c.node, "status": c.status, "commit": c.commit, "current": c.usable, "error": c.error}
+            for c in model.copies.all()
+        ],
         "active_job": model.active_job(),
     }
 

@@ -119,6 +119,7 @@ def detail(request: HttpRequest, model_id: int) -> HttpResponse:
             "shown_job": model.shown_job(),
             "events": AuditEvent.objects.filter(target_type="models_catalog.localmodel", target_id=str(model.pk))[:20],
             "files": model.files.all(),
+            "copies": model.copies.all(),
             "nav": "models",
         },
     )

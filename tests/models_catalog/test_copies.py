@@ -60,7 +60,9 @@ def run_copy(model: LocalModel) -> ModelJob:
     return job
 
 
-def test_a_model_is_copied_to_another_box_with_progress(box_a: dict, settings: Any, tmp_path: Path) -> None:
+def test_a_model_is_copied_to_another_box_with_progress(
+    box_a: dict, settings: Any, tmp_path: Path, admin_client: Any
+) -> None:
     model = box_a["model"]
     assert not copies.holds(model, BOX_B)
     on_box_b(settings, tmp_path)
@@ -77,6 +79,11 @@ def test_a_model_is_copied_to_another_box_with_progress(box_a: dict, settings: A
         there = (box_a["data"] / model.ready_path.relative_to(settings.DATA_DIR) / file.path).read_bytes()
         assert here == there and (not file.is_lfs or hashlib.sha256(here).hexdigest() == file.sha256)
     assert "acme/tiny" in copies.served_here(BOX_B)  # box B now serves it to others too
+    page = admin_client.get(f"/models/{model.pk}/").content.decode()
+    assert "Copies on other boxes" in page and f'{BOX_B} <span class="badge ok">Ready</span>' in page
+    assert f"Copy to another box → {BOX_B}" in page
+    api = admin_client.get(f"/api/v1/models/{model.pk}").json()["copies"]
+    assert api == [{"node": BOX_B, "status": "ready", "commit": model.commit, "current": True, "error": ""}]
     # Asking again does nothing: it is there.
     assert copies.request_copy(model, BOX_B).status == "ready"
     assert ModelJob.objects.filter(kind=ModelJob.Kind.SYNC).count() == 1
