@@ -91,7 +91,7 @@ def join_cluster(request: HttpRequest, payload: JoinIn) -> dict[str, str]:
     return config
 
 
-@router.post("/nodes/{node_id}/drain", response=NodeOut, summary="Drain a node (no new replicas) or take it back")
+@router.post("/nodes/{node_id}/drain", response=NodeOut, summary="Drain a node (any-box replicas move) or undo")
 def drain(request: HttpRequest, node_id: int, payload: DrainIn) -> Any:
     action = "node.drain" if payload.draining else "node.resume"
     require(request, "node.manage", action=action)

@@ -52,7 +52,8 @@ def act(request: HttpRequest, node_id: int, action: str) -> HttpResponse:
     node = get_object_or_404(Node, pk=node_id)
     if action == "drain":
         node.set_draining(True)
-        messages.success(request, _("%(node)s is draining: it gets no new replicas.") % {"node": node.name})
+        text = _("%(node)s is draining: it gets no new replicas, and replicas placed on any box move to other boxes.")
+        messages.success(request, text % {"node": node.name})
     elif action == "resume":
         node.set_draining(False)
         messages.success(request, _("%(node)s takes new replicas again.") % {"node": node.name})

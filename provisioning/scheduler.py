@@ -12,6 +12,7 @@ once when a box is lost, owns the replica rows:
   deployment, then the most free memory;
 - the chosen box without the model gets a copy (``models_catalog.copies``); the replica stays
   pending there until the copy is ready, and moves to another box if the copy fails;
+- a replica on a draining box moves to another box that can take it;
 - a lost replica moves to another box (a new row state, same ordinal): the gateway already stopped
   sending to it; when the lost box comes back its reconcile pass finds an engine nobody owns and
   stops it (``reconcile.stop_orphans``), so nothing runs twice;
@@ -128,8 +129,10 @@ def _copy_if_needed(deployment: Deployment, node: str) -> None:
         logger.warning("no copy of %s to %s: %s", deployment.model, node, exc)
 
 
-def schedule_deployment(deployment: Deployment) -> list[str]:
-    """Converge one any-box deployment's rows; returns what was done, in words."""
+def schedule_deployment(deployment: Deployment, draining: frozenset[str] = frozenset()) -> list[str]:
+    """Converge one any-box deployment's rows; returns what was done, in words. A replica on a box in
+    ``draining`` moves to another box when one can take it (its old engine is then stopped by that
+    box's pass: the replica is away while the new engine starts)."""
     done: list[str] = []
     have = {r.ordinal: r for r in deployment.replica_set.all()}
     for ordinal in range(deployment.replicas):
@@ -152,6 +155,14 @@ def schedule_deployment(deployment: Deployment) -> list[str]:
                    else _("The model could not be copied to %(old)s: placed on %(node)s instead."))  # fmt: skip
             assign(replica, node, why % {"old": replica.node, "node": node, "at": f"{timezone.now():%H:%M:%S}"})
             done.append(f"{replica}: moved from {replica.node} to {node}")
+        elif replica.node in draining and replica.state not in Replica.TERMINAL:
+            node, reasons = choose(deployment, exclude={replica.node})
+            if node is None:
+                _note(replica, _("%(old)s is draining, and no other box can take this replica now: %(reasons)s.")
+                      % {"old": replica.node, "reasons": "; ".join(reasons) or _("no ready box")})  # fmt: skip
+                continue
+            assign(replica, node, _("%(old)s is draining: moved to %(node)s.") % {"old": replica.node, "node": node})
+            done.append(f"{replica}: moved from draining {replica.node} to {node}")
     return done
 
 
@@ -179,9 +190,10 @@ def schedule(client: redis.Redis | None = None) -> dict[str, Any]:
         return {"skipped": "another scheduling run is running"}
     try:
         done: list[str] = []
+        draining = frozenset(Node.objects.filter(draining=True).values_list("name", flat=True))
         running = Deployment.objects.filter(any_node=True, desired=Deployment.Desired.RUNNING)
         for deployment in running.select_related("model", "runtime"):
-            done += schedule_deployment(deployment)
+            done += schedule_deployment(deployment, draining)
     finally:
         try:
             lock.release()

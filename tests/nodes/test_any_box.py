@@ -218,3 +218,31 @@ def test_an_engine_over_more_boxes_than_there_are_is_refused(
     uneven = deploy(admin_client, tiny_model, fake_runtime, nodes_per_replica=2, pipeline_parallel=3)
     assert uneven.status_code == 400 and "must divide evenly over the boxes" in uneven.content.decode()
     assert not Deployment.objects.exists()
+
+
+def test_draining_a_box_moves_its_any_box_replicas_and_keeps_pinned_ones(
+    admin_client: Client, tiny_model: LocalModel, fake_runtime: EngineRuntime, boxes: dict
+) -> None:
+    ModelCopy.objects.create(model=tiny_model, node=BOX_B, status="ready", commit=tiny_model.commit)
+    Node.objects.get(name=boxes["a"]).set_draining(True)
+    assert deploy(admin_client, tiny_model, fake_runtime, any_node="on").status_code == 302
+    on_b = until(BOX_B, "ready")
+    Node.objects.get(name=boxes["a"]).set_draining(False)
+
+    # Drained on the Nodes page: the replica moves to box A, box B's engine is stopped.
+    node_b = Node.objects.get(name=BOX_B)
+    assert admin_client.post(f"/nodes/{node_b.pk}/drain").status_code in (302, 200)
+    assert Node.objects.get(name=BOX_B).draining
+    scheduler.schedule()
+    moved = Replica.objects.get()
+    assert (moved.node, moved.state) == (boxes["a"], "pending") and f"{BOX_B} is draining" in moved.last_error
+    until(boxes["a"], "ready")
+    reconcile(BOX_B)
+    assert launcher.our_processes(BOX_B) == {} and on_b.pid not in launcher.our_processes(boxes["a"])
+
+    # With nowhere else to go, a replica on a draining box stays and says so.
+    Node.objects.get(name=boxes["a"]).set_draining(True)
+    Node.objects.get(name=BOX_B).set_draining(True)
+    scheduler.schedule()
+    stays = Replica.objects.get()
+    assert stays.node == boxes["a"] and stays.state == "ready" and "no other box can take" in stays.last_error

@@ -156,7 +156,7 @@ def test_the_nodes_page_drains_resumes_and_forgets(admin_client: Client) -> None
     page = admin_client.get(reverse("nodes:list")).content.decode()
     assert "box-a" in page and 'data-confirm="Drain box-b?' in page
     response = admin_client.post(reverse("nodes:act", args=[node.pk, "drain"]), follow=True)
-    assert "box-b is draining: it gets no new replicas." in response.content.decode()
+    assert "box-b is draining: it gets no new replicas, and replicas placed on any box" in response.content.decode()
     node.refresh_from_db()
     assert node.draining and not node.accepts_new_replicas and node.display_state == "Draining"
     admin_client.post(reverse("nodes:act", args=[node.pk, "resume"]))
