@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint messages setup clean-venv browser directory node bundle
+.PHONY: run test lint messages setup clean-venv browser directory network node bundle
 
 # python-ldap (directory sign-in) is built from source against OpenLDAP's client library.
 LDAP_HEADERS := /usr/include/ldap.h /usr/include/sasl/sasl.h
@@ -59,7 +59,13 @@ directory:
 	@test -x /usr/sbin/slapd -a -x /usr/bin/ldapadd || (apt-get update && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y slapd ldap-utils)
 
-test: lint browser directory
+# The several-boxes tests make network namespaces (iproute2) and forward the database and Redis onto
+# their bridge (socat).
+network:
+	@test -x /usr/bin/socat -a -x /bin/ip || (apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y socat iproute2)
+
+test: lint browser directory network
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Regenerate the translation catalogs after changing strings (then translate and commit them).
