@@ -139,3 +139,25 @@ def test_a_model_that_is_not_ready_is_not_copied(box_a: dict) -> None:
     with pytest.raises(JobConflict, match="not ready"):
         copies.request_copy(box_a["model"], BOX_B)
     assert not ModelCopy.objects.exists()
+
+
+def test_deleting_a_model_removes_its_copy_on_each_box(box_a: dict, settings: Any, tmp_path: Path) -> None:
+    from unittest import mock
+
+    model = box_a["model"]
+    home = settings.DATA_DIR
+    on_box_b(settings, tmp_path)
+    assert run_copy(model).status == JobStatus.SUCCEEDED
+    copy_dir = model.directory
+    assert (copy_dir / "current").exists()
+    settings.NODE_NAME, settings.DATA_DIR = box_a["home"], home  # the model's own box deletes it
+    with mock.patch("models_catalog.tasks.drop_copy.apply_async") as send:
+        job = model.request_delete()
+        run_job(ModelJob, job.pk, model_job_body)
+    assert not model.directory.exists() and not LocalModel.objects.filter(pk=model.pk).exists()
+    send.assert_called_once_with(args=["acme/tiny"], queue=f"node.{BOX_B}")
+    settings.DATA_DIR = tmp_path / "box-b"  # box B's worker runs what was sent to its queue
+    from models_catalog.tasks import drop_copy
+
+    drop_copy("acme/tiny")
+    assert not copy_dir.exists()
