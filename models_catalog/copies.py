@@ -12,7 +12,6 @@ download is (staging, then one rename), so an engine never sees half a copy.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +19,13 @@ from django.conf import settings
 from django.db import transaction
 from django.utils.translation import gettext as _
 
-from models_catalog.download import Progress, _fetch_all, _present_bytes
-from models_catalog.layout import free_bytes, publish, staging_directory
+from appliance.private_files import replace_private
+from models_catalog.download import Progress, _fetch_all, check_space
+from models_catalog.layout import publish, staging_directory
 from models_catalog.mirror import Served, sync_token
 from models_catalog.models import JobConflict, LocalModel, ModelCopy, ModelJob
 from models_catalog.source import HubSource, PermanentSourceError, RemoteFile, SourceError
 from nodes.models import Node
-
-
-def holds(model: LocalModel, node: str) -> bool:
-    """``node`` has the model's ready files at its current commit."""
-    if not model.is_usable:
-        return False
-    if model.node == node:
-        return True
-    copy = ModelCopy.objects.filter(model=model, node=node).first()
-    return copy is not None and copy.status == ModelCopy.Status.READY and copy.commit == model.commit
 
 
 def copy_on(model: LocalModel, node: str) -> ModelCopy | None:
@@ -56,7 +46,7 @@ def request_copy(model: LocalModel, node: str, user: Any = None) -> ModelCopy:
         if not model.is_usable:
             raise JobConflict(_("%(repo)s is not ready: it cannot be copied to another box.") % {"repo": model})
         copy, _created = ModelCopy.objects.select_for_update().get_or_create(model=model, node=node)
-        if copy.status == ModelCopy.Status.READY and copy.commit == model.commit:
+        if copy.usable:
             return copy
         job = sync_job(model, node)
         if copy.status == ModelCopy.Status.SYNCING and job is not None and job.is_active:
@@ -97,12 +87,7 @@ def sync(job: ModelJob) -> None:
     commit = model.commit
     staging = staging_directory(model.repo_id, commit)
     staging.mkdir(parents=True, exist_ok=True)
-    needed = sum(f.size for f in files) - sum(_present_bytes(staging, f) for f in files)
-    if needed > free_bytes(staging):
-        raise PermanentSourceError(
-            f"Not enough disk space on {job.node}: the copy needs {needed:,} more bytes, "
-            f"{max(free_bytes(staging), 0):,} are free (after DISK_RESERVE_BYTES)."
-        )
+    check_space(staging, files, "copy")
     last: SourceError | None = None
     for node in sources:  # the next box that holds it when one does not answer
         source = HubSource(hf_url(node.address), sync_token())
@@ -166,10 +151,5 @@ def publish_table(node: str | None = None) -> bool:
             return False
     except OSError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(scratch, path)
+    replace_private(path, text)
     return True

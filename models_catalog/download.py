@@ -257,14 +257,7 @@ def download(job: ModelJob, source: ModelSource) -> None:
                 inside(staging, file.path).unlink()
         to_fetch.append(file)
 
-    already = sum(_present_bytes(staging, f) for f in to_fetch)
-    needed = sum(f.size for f in to_fetch) - already
-    free = free_bytes(staging)
-    if needed > free:
-        raise SourceError(
-            f"Not enough disk space: the download needs {needed:,} more bytes, {max(free, 0):,} are free on "
-            f"{staging} (after the reserve of DISK_RESERVE_BYTES)."
-        )
+    check_space(staging, to_fetch, "download")
 
     progress = Progress(job, bytes_total=sum(f.size for f in files), files_total=len(files))
     progress.bytes_done = sum(f.size for f in files if f.path in digests)
@@ -273,6 +266,18 @@ def download(job: ModelJob, source: ModelSource) -> None:
     digests.update(_fetch_all(source, model, snapshot.commit, to_fetch, staging, progress))
     progress.report(phase="verifying")
     _publish(job, model, snapshot, files, digests, previous)
+
+
+def check_space(staging: Path, files: list[RemoteFile], what: str) -> None:
+    """Refuse (``SourceError``) a ``what`` ("download", "copy") whose ``files`` do not fit in the free
+    space of ``staging``'s disk, counting what is there already from an earlier run."""
+    needed = sum(f.size for f in files) - sum(_present_bytes(staging, f) for f in files)
+    free = free_bytes(staging)
+    if needed > free:
+        raise SourceError(
+            f"Not enough disk space: the {what} needs {needed:,} more bytes, {max(free, 0):,} are free on "
+            f"{staging} (after the reserve of DISK_RESERVE_BYTES)."
+        )
 
 
 def _present_bytes(staging: Path, file: RemoteFile) -> int:

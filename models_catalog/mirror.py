@@ -266,17 +266,9 @@ async def read_span(path: Path, start: int, length: int) -> AsyncIterator[bytes]
 # The console's front door (Django).
 
 
-def _held_here(model: LocalModel) -> bool:
-    """This box has the model's ready files: it is the model's own box, or holds a current copy."""
-    if model.node == settings.NODE_NAME:
-        return True
-    copy = model.copies.filter(node=settings.NODE_NAME).first()
-    return copy is not None and copy.usable
-
-
 async def _lookup(repo_id: str) -> Served | None:
     model = await LocalModel.objects.filter(repo_id=repo_id, status__in=list(LocalModel.USABLE)).afirst()
-    if model is None or not await sync_to_async(_held_here)(model):
+    if model is None or not await sync_to_async(model.held_on)(settings.NODE_NAME):
         return None
     return Served.of(model, [f async for f in ModelFile.objects.filter(model=model).order_by("path")])
 

@@ -159,6 +159,16 @@ class LocalModel(models.Model):
     def is_usable(self) -> bool:
         return self.status in self.USABLE
 
+    def held_on(self, node: str) -> bool:
+        """``node`` has this model's ready files at its current commit: its own box, or a box with a
+        current copy (``ModelCopy``)."""
+        if not self.is_usable:
+            return False
+        if self.node == node:
+            return True
+        copy = self.copies.filter(node=node).first()
+        return copy is not None and copy.usable
+
     def active_job(self) -> ModelJob | None:
         return self.jobs.filter(status__in=list(JobStatus.ACTIVE)).first()  # type: ignore[attr-defined]
 

@@ -13,7 +13,6 @@ from django.utils.translation import gettext as _
 
 from appliance.host import meminfo
 from gpus.models import Gpu
-from models_catalog.copies import holds
 from models_catalog.memory import estimate
 from nodes.models import Node
 from provisioning.models import Deployment, Replica
@@ -77,7 +76,7 @@ def check_node(deployment: Deployment, node: str | None = None) -> None:
     node = node or deployment.node
     check_box(node)
     model = deployment.model
-    if not holds(model, node):
+    if not model.held_on(node):
         raise PlacementRefused(
             _("%(model)s is on %(model_node)s, not on %(node)s: download or import it on %(node)s first, or "
               "deploy it on any box (the model is then copied to the box chosen).")

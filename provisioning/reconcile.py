@@ -19,7 +19,6 @@ from django.utils import timezone
 
 from appliance.worker import redis_client
 from models_catalog import copies
-from models_catalog.copies import holds
 from models_catalog.models import ModelCopy
 from nodes.models import Node
 from provisioning import launcher, relay
@@ -78,7 +77,7 @@ def launch(replica: Replica) -> None:
                                                   f"not installed or broken on {replica.node}.")  # fmt: skip
         return
     model = deployment.model
-    if deployment.any_node and model.is_usable and not holds(model, replica.node):
+    if deployment.any_node and model.is_usable and not model.held_on(replica.node):
         _wait_for_copy(replica)
         return
     if not model.is_usable or not model.ready_path.exists():
@@ -161,7 +160,7 @@ def _other_ranks(replica: Replica) -> list[str] | None:
     if len(boxes) < deployment.nodes_per_replica - 1:
         _save(replica, state=S.PENDING, last_error=too_few_boxes(deployment, reasons))
         return None
-    waiting = [box for box in boxes if not holds(deployment.model, box)]
+    waiting = [box for box in boxes if not deployment.model.held_on(box)]
     for box in waiting:
         copies.request_copy(deployment.model, box)
     if waiting:
@@ -180,7 +179,7 @@ def launch_part(part: ReplicaPart) -> None:
     deployment = replica.deployment
     runtime = runtime_on(deployment, part.node)
     model = deployment.model
-    if runtime is None or not holds(model, part.node):
+    if runtime is None or not model.held_on(part.node):
         why = f"No engine runtime or model on {part.node}."
         ReplicaPart.objects.filter(pk=part.pk).update(state=ReplicaPart.State.EXITED, last_error=why)
         return

@@ -27,7 +27,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ import aiohttp
 from aiohttp import web
 from django.conf import settings
 
+from appliance.private_files import replace_private
 from models_catalog.mirror import Served, answer, bearer, is_sync_token, read_span
 
 if TYPE_CHECKING:
@@ -76,13 +76,7 @@ def publish(node: str, replicas: Iterable[Replica]) -> None:
         for replica in replicas
         if replica.port and replica.key_sealed
     }
-    path = table_path(node)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    scratch = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump({"replicas": table}, out)
-    os.replace(scratch, path)
+    replace_private(table_path(node), json.dumps({"replicas": table}))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from appliance.worker import redis_client
-from models_catalog.copies import copy_on, holds, request_copy
+from models_catalog.copies import copy_on, request_copy
 from models_catalog.models import JobConflict, ModelCopy
 from nodes.models import Node
 from provisioning.models import Deployment, EngineRuntime, Replica, ReplicaPart
@@ -84,7 +84,7 @@ def ranked(deployment: Deployment, exclude: set[str] | frozenset[str] = frozense
             reasons.append(f"{node.name}: {reason}")
             continue
         free = int(node.facts.get("memory_available_bytes") or 0)
-        fitting.append((not holds(deployment.model, node.name), mine.get(node.name, 0), -free, node.name))
+        fitting.append((not deployment.model.held_on(node.name), mine.get(node.name, 0), -free, node.name))
     return [key[-1] for key in sorted(fitting)], reasons
 
 
@@ -101,9 +101,13 @@ def part_boxes(deployment: Deployment, rank0: str) -> tuple[list[str], list[str]
     return boxes[: deployment.nodes_per_replica - 1], reasons
 
 
+def _boxes_passed_over(reasons: list[str]) -> str:
+    """Why each box was passed over, in one line (or that there was none to pass over)."""
+    return "; ".join(reasons) or _("no ready box")
+
+
 def _nowhere(reasons: list[str]) -> str:
-    return _("No box can take this replica now: %(reasons)s.") % {
-        "reasons": "; ".join(reasons) or _("no ready box")}  # fmt: skip
+    return _("No box can take this replica now: %(reasons)s.") % {"reasons": _boxes_passed_over(reasons)}
 
 
 def assign(replica: Replica, node: str, why: str) -> None:
@@ -121,7 +125,7 @@ def assign(replica: Replica, node: str, why: str) -> None:
 
 
 def _copy_if_needed(deployment: Deployment, node: str) -> None:
-    if holds(deployment.model, node):
+    if deployment.model.held_on(node):
         return
     try:
         request_copy(deployment.model, node)
@@ -159,7 +163,7 @@ def schedule_deployment(deployment: Deployment, draining: frozenset[str] = froze
             node, reasons = choose(deployment, exclude={replica.node})
             if node is None:
                 _note(replica, _("%(old)s is draining, and no other box can take this replica now: %(reasons)s.")
-                      % {"old": replica.node, "reasons": "; ".join(reasons) or _("no ready box")})  # fmt: skip
+                      % {"old": replica.node, "reasons": _boxes_passed_over(reasons)})  # fmt: skip
                 continue
             assign(replica, node, _("%(old)s is draining: moved to %(node)s.") % {"old": replica.node, "node": node})
             done.append(f"{replica}: moved from draining {replica.node} to {node}")

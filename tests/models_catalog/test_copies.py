@@ -64,7 +64,7 @@ def test_a_model_is_copied_to_another_box_with_progress(
     box_a: dict, settings: Any, tmp_path: Path, admin_client: Any
 ) -> None:
     model = box_a["model"]
-    assert not copies.holds(model, BOX_B)
+    assert not model.held_on(BOX_B)
     on_box_b(settings, tmp_path)
     job = run_copy(model)
     assert job.status == JobStatus.SUCCEEDED, job.error
@@ -73,7 +73,7 @@ def test_a_model_is_copied_to_another_box_with_progress(
     assert job.detail["files_done"] == job.detail["files_total"] == model.files.count()
     copy = ModelCopy.objects.get(model=model, node=BOX_B)
     assert (copy.status, copy.commit, copy.source_node) == ("ready", model.commit, box_a["home"])
-    assert copies.holds(model, BOX_B)
+    assert model.held_on(BOX_B)
     for file in model.files.all():  # box B's ready copy, byte for byte
         here = (model.ready_path / file.path).read_bytes()
         there = (box_a["data"] / model.ready_path.relative_to(settings.DATA_DIR) / file.path).read_bytes()
@@ -119,7 +119,7 @@ def test_a_copy_whose_source_is_damaged_fails_and_leaves_the_model_ready(
     assert job.status == JobStatus.FAILED and "sha256" in job.error
     copy = ModelCopy.objects.get(model=model, node=BOX_B)
     assert copy.status == "failed" and "sha256" in copy.error
-    assert not copies.holds(model, BOX_B) and not model.ready_path.exists()  # nothing published on box B
+    assert not model.held_on(BOX_B) and not model.ready_path.exists()  # nothing published on box B
     model.refresh_from_db()
     assert model.status == "ready"  # only the copy failed
 

@@ -6,7 +6,6 @@ writes what it answers (shared database and Redis, secret key, this node's name 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +13,18 @@ import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from appliance.private_files import replace_private
 from nodes.registry import local_facts
 
 
 def write_env(path: Path, values: dict[str, str]) -> None:
     """KEY='value' lines a shell can source, readable by this user only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for key, value in values.items():
         if "'" in value or "\n" in value:
             raise CommandError(f"The console answered a value for {key} that cannot be written safely.")
         lines.append(f"{key}='{value}'")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write("\n".join(lines) + "\n")
+    replace_private(path, "\n".join(lines) + "\n")
 
 
 class Command(BaseCommand):
